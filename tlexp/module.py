@@ -1,0 +1,119 @@
+"""TransferModule: a pretrained backbone, a new head, the loss, metrics and named optimizer groups."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+
+from tlexp.backbones import build_backbone
+from tlexp.losses import build_loss
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def make_head(feature_dim: int, num_classes: int, hidden_dim: int | None, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    if hidden_dim:
+        layers += [nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True)]
+        feature_dim = hidden_dim
+    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+
+
+class TransferModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        class_names: list[str],
+        class_counts: list[int],
+        loss: dict,
+        optim: dict,
+        backbone_lr_factor: float,
+        total_epochs: int,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        built = build_backbone(model["source"], model["name"], model["weights"])
+        self.backbone_spec = built
+        self.backbone = built.body
+        num_classes = len(class_names)
+        self.head = make_head(built.feature_dim, num_classes, model["head"]["hidden_dim"], model["head"]["dropout"])
+        self.criterion = build_loss(loss, class_counts)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.test_recall = MulticlassRecall(num_classes, average="none")
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)
+        self.test_results: dict = {}
+
+    def train(self, mode: bool = True):
+        """Frozen BatchNorm stays in eval mode (running statistics untouched), as Keras does."""
+        super().train(mode)
+        if mode:
+            for m in self.backbone.modules():
+                if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def _step(self, batch, stage: str, accuracy) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        accuracy(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y))
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss, logits
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", self.train_acc)[0]
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        _, logits = self._step(batch, "test", self.test_acc)
+        for metric in (self.test_f1, self.test_recall, self.test_confmat):
+            metric.update(logits, batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        f1 = self.test_f1.compute()
+        recall = self.test_recall.compute()
+        self.log("test/f1_macro", f1)
+        for name, value in zip(self.hparams.class_names, recall):
+            self.log(f"test/recall/{name}", value)
+        self.test_results = {
+            "test_f1_macro": float(f1),
+            "test_recall_per_class": dict(zip(self.hparams.class_names, recall.tolist())),
+            "confusion_matrix": self.test_confmat.compute().tolist(),
+        }
+        for metric in (self.test_f1, self.test_recall, self.test_confmat):
+            metric.reset()
+
+    def configure_optimizers(self):
+        cfg = self.hparams.optim
+        lr = cfg["lr"]
+        groups = [
+            {"name": "head", "params": list(self.head.parameters()), "lr": lr},
+            {"name": "backbone", "params": list(self.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_factor},
+        ]
+        kwargs = {"weight_decay": cfg["weight_decay"]}
+        if cfg["name"] == "sgd":
+            kwargs.update(momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+        optimizer = OPTIMIZERS[cfg["name"]](groups, lr=lr, **kwargs)
+        if cfg["scheduler"] is None:
+            return optimizer
+        # cosine over the whole run: each group decays from its own base learning rate
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.hparams.total_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+

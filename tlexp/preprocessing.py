@@ -1,0 +1,82 @@
+"""Eval-time preprocessing a backbone expects, and the train/eval transforms built from it.
+
+The numbers come from the weights (torchvision's ``transforms()``, timm's pretrained config) so a
+fine-tuned model sees images the way it saw them in pre-training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def at_size(self, image_size: int | None) -> Preprocessing:
+        """Same preprocessing at another crop size, keeping the resize/crop ratio."""
+        if image_size is None or image_size == self.crop_size:
+            return self
+        ratio = self.resize_size / self.crop_size
+        return replace(self, crop_size=image_size, resize_size=round(image_size * ratio))
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def from_torchvision_weights(weights) -> Preprocessing:
+    preset = weights.transforms()
+    return Preprocessing(
+        crop_size=int(preset.crop_size[0]),
+        resize_size=int(preset.resize_size[0]),
+        mean=tuple(preset.mean),
+        std=tuple(preset.std),
+        interpolation=preset.interpolation.value,
+    )
+
+
+def from_timm_config(pretrained_cfg: dict) -> Preprocessing:
+    crop = int(pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    return Preprocessing(
+        crop_size=crop,
+        resize_size=int(crop / pretrained_cfg.get("crop_pct", 0.875) + 0.5),
+        mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(pretrained_cfg.get("std", IMAGENET_STD)),
+        interpolation=pretrained_cfg.get("interpolation", "bilinear"),
+    )
+
+
+def _to_normalized_tensor(pre: Preprocessing) -> list:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+
+
+def eval_transform(pre: Preprocessing) -> T.Compose:
+    interp = InterpolationMode(pre.interpolation)
+    return T.Compose(
+        [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.crop_size)]
+        + _to_normalized_tensor(pre)
+    )
+
+
+def train_transform(pre: Preprocessing, augment) -> T.Compose:
+    """Random-resized crop, flip, rotation and shear as ``data.augment`` asks."""
+    interp = InterpolationMode(pre.interpolation)
+    steps: list = [
+        T.RandomResizedCrop(pre.crop_size, scale=tuple(augment.crop_scale), interpolation=interp, antialias=True)
+    ]
+    if augment.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if augment.rotation or augment.shear:
+        steps.append(T.RandomAffine(degrees=augment.rotation, shear=augment.shear or None, interpolation=interp))
+    return T.Compose(steps + _to_normalized_tensor(pre))

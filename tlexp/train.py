@@ -1,0 +1,169 @@
+"""``tlexp-train``: compose the config, fit phase A then B, test the best checkpoint, write metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from tlexp.config_checks import check_config
+from tlexp.data import ImageDataModule
+from tlexp.errors import TlexpError
+from tlexp.finetune import PhasedFinetuning, phase_b_params
+from tlexp.history import EpochHistory
+from tlexp.module import TransferModule
+from tlexp.reseed import ReseedEachEpoch
+from tlexp.strategies import modules_to_unfreeze, parse_strategy
+
+log = logging.getLogger("tlexp")
+# Frozen BatchNorm layers are in eval mode on purpose (Keras semantics); Lightning warns about any.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+def _check_resume_checkpoint(path: str, model_cfg: dict, class_names: list[str]) -> None:
+    """Refuse a checkpoint of another backbone or class set before Lightning fails deep inside."""
+    if not os.path.isfile(path):
+        raise TlexpError(f"ckpt_path={path}: no such file (resume from <run dir>/checkpoints/last.ckpt)")
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise TlexpError(f"ckpt_path={path} is not a readable Lightning checkpoint ({exc})") from exc
+    saved_model = hparams.get("model", {})
+    theirs = (saved_model.get("source"), saved_model.get("name"))
+    ours = (model_cfg["source"], model_cfg["name"])
+    if theirs != ours:
+        raise TlexpError(f"ckpt_path={path} holds a {theirs[1]} ({theirs[0]}) model, this run builds {ours[1]}: pass the matching model=")
+    if hparams.get("class_names") != class_names:
+        raise TlexpError(
+            f"ckpt_path={path} was trained on classes {hparams.get('class_names')}, this data has {class_names}: "
+            "resume with the same data"
+        )
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig) -> dict:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_config(cfg)
+    strategy = parse_strategy(cfg.strategy)
+    phase_b_epochs = cfg.finetune.phase_b_epochs if strategy.trains_backbone else 0
+    total_epochs = cfg.finetune.phase_a_epochs + phase_b_epochs
+    if total_epochs < 1:
+        raise TlexpError("finetune.phase_a_epochs + finetune.phase_b_epochs must be >= 1")
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = ImageDataModule(cfg.data, seed=cfg.seed, split_file=run_dir / "split.csv")
+    datamodule.setup()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.ckpt_path:
+        _check_resume_checkpoint(cfg.ckpt_path, model_cfg, datamodule.class_names)
+    module = TransferModule(
+        model=model_cfg,
+        class_names=datamodule.class_names,
+        class_counts=datamodule.class_counts,
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        backbone_lr_factor=cfg.finetune.backbone_lr_factor,
+        total_epochs=total_epochs,
+    )
+    datamodule.preprocessing = module.backbone_spec.preprocessing.at_size(cfg.data.image_size)
+    units = modules_to_unfreeze(module.backbone_spec, strategy)
+
+    history = EpochHistory()
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks += [PhasedFinetuning(units, cfg.finetune.phase_a_epochs), history, ReseedEachEpoch(cfg.seed)]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar())
+    loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer = pl.Trainer(
+        max_epochs=total_epochs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    test = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+
+    best = history.best()
+    phase_a = sum(p.numel() for p in module.head.parameters())
+    metrics = {
+        "status": "completed",
+        "model": cfg.model.name,
+        "model_source": cfg.model.source,
+        "weights": cfg.model.weights,
+        "strategy": strategy.name,
+        "seed": cfg.seed,
+        "num_classes": len(datamodule.class_names),
+        "class_names": datamodule.class_names,
+        "images": {s: len(v) for s, v in datamodule.split.items()},
+        "epochs": trainer.current_epoch,
+        "phase_a_epochs": cfg.finetune.phase_a_epochs,
+        "phase_b_epochs": phase_b_epochs,
+        "best_epoch": best.get("epoch"),
+        "train_acc": best.get("train_acc"),
+        "train_loss": best.get("train_loss"),
+        "val_acc": best.get("val_acc"),
+        "val_loss": best.get("val_loss"),
+        "test_acc": test["test/acc"],
+        "test_loss": test["test/loss"],
+        **module.test_results,
+        "trainable_params": phase_b_params(module.head, units),
+        "trainable_params_phase_a": phase_a,
+        "total_params": sum(p.numel() for p in module.parameters()),
+        "unfrozen_modules": [u.name for u in units],
+        "preprocessing": datamodule.preprocessing.as_dict(),
+        "wall_time_s": history.elapsed(),
+        "run_dir": str(run_dir),
+        "history": history.epochs,
+    }
+    _write_json(run_dir / "metrics.json", metrics)
+    final = {f"final/{k}": metrics[k] for k in ("train_acc", "val_acc", "test_acc", "test_f1_macro") if metrics[k] is not None}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(_flat_hparams(cfg, strategy.name), metrics=final)
+    log.info(
+        "done: test acc %.4f, macro-F1 %.4f, trainable %s params; run dir %s",
+        metrics["test_acc"], metrics["test_f1_macro"], f"{metrics['trainable_params']:,}", run_dir,
+    )
+    return metrics
+
+
+def _flat_hparams(cfg: DictConfig, strategy: str) -> dict:
+    return {
+        "model": cfg.model.name, "strategy": strategy, "seed": cfg.seed, "lr": cfg.optim.lr,
+        "optimizer": cfg.optim.name, "loss": cfg.loss.name, "batch_size": cfg.data.batch_size,
+        "backbone_lr_factor": cfg.finetune.backbone_lr_factor,
+        "phase_a_epochs": cfg.finetune.phase_a_epochs, "phase_b_epochs": cfg.finetune.phase_b_epochs,
+    }
+
+
+# conf/ sits at the repository top level (DESIGN.md); an absolute path keeps Hydra on the file system.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return run(cfg)["test_acc"]
+    except (TlexpError, MissingMandatoryValue) as exc:
+        log.error("%s", exc)
+        print(f"tlexp-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
