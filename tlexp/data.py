@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlexp import splits
 from tlexp.download import download_and_extract
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class ImageListDataset(Dataset):
+    """(image, label) pairs; an ``(index, seed)`` key seeds that image's random augmentation."""
+
     def __init__(self, samples: list[splits.Sample], transform):
         self.samples = samples
         self.transform = transform
@@ -26,11 +30,36 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         with Image.open(sample.path) as image:
             rgb = ImageOps.exif_transpose(image).convert("RGB")
+        if seed is not None:
+            torch.manual_seed(seed)
         return self.transform(rgb), sample.label
+
+
+class EpochSeededSampler(Sampler):
+    """Shuffles by (seed, epoch) and gives every image an augmentation seed of (seed, epoch, index).
+
+    Nothing depends on the global RNG, on the number of workers or on when Lightning creates the
+    iterator, so a run resumed at epoch k draws exactly the batches of a run that never stopped.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: Callable[[], int]):
+        self.size = size
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        epoch_seed = self.seed * 100_003 + self.epoch()
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed))
+        for index in order.tolist():
+            yield index, (epoch_seed * 1_000_003 + index) % (2**63)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -90,14 +119,17 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _loader(self, subset: str, train: bool) -> DataLoader:
         transform = train_transform(self.preprocessing, self.cfg.augment) if train else eval_transform(self.preprocessing)
-        return DataLoader(
-            ImageListDataset(self.split[subset], transform),
-            batch_size=self.cfg.batch_size,
-            shuffle=train,
-            num_workers=self.cfg.num_workers,
-            persistent_workers=False,
-            drop_last=False,
-        )
+        dataset = ImageListDataset(self.split[subset], transform)
+        sampler = EpochSeededSampler(len(dataset), self.seed, self._current_epoch) if train else None
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers)
+
+    def _current_epoch(self) -> int:
+        """The epoch the next iterator serves: Lightning's own ``set_epoch`` value (epochs processed).
+
+        Not ``trainer.current_epoch``: a run resumed from an end-of-epoch checkpoint builds the next
+        epoch's iterator while ``current_epoch`` still names the finished one.
+        """
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -59,6 +59,12 @@ def _rank_key(seed: int, root: Path, path: Path) -> str:
     return hashlib.sha256(f"{seed}:{path.relative_to(root).as_posix()}".encode()).hexdigest()
 
 
+def _share(n: int, fraction: float) -> int:
+    """Images of a class for a val/test subset: at least one when the class has three to spare."""
+    share = round(n * fraction)
+    return max(share, 1) if fraction > 0 and n >= 3 else share
+
+
 def stratified_split(
     root: Path, classes: dict[str, list[Path]], fractions: tuple[float, float, float], seed: int, limit_per_class: int | None
 ) -> dict[str, list[Sample]]:
@@ -67,8 +73,7 @@ def stratified_split(
     out: dict[str, list[Sample]] = {s: [] for s in SUBSETS}
     for label, files in enumerate(classes.values()):
         ranked = sorted(files, key=lambda p: _rank_key(seed, root, p))[:limit_per_class]
-        n_val = round(len(ranked) * fractions[1])
-        n_test = round(len(ranked) * fractions[2])
+        n_val, n_test = (_share(len(ranked), f) for f in fractions[1:])
         n_train = len(ranked) - n_val - n_test
         bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(ranked))}
         for subset, (lo, hi) in bounds.items():

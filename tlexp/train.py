@@ -96,7 +96,8 @@ def run(cfg: DictConfig) -> dict:
         **OmegaConf.to_container(cfg.trainer, resolve=True),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    test = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+    best_ckpt = trainer.checkpoint_callback.best_model_path  # the first ModelCheckpoint: best by val/acc
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt, verbose=False)[0]
 
     best = history.best()
     phase_a = sum(p.numel() for p in module.head.parameters())

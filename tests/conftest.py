@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny synthetic image trees, composed configs, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "flower_photos"
+
+
+def make_image_tree(root: Path, classes: dict[str, int], size=(40, 48), seed: int = 0) -> Path:
+    """Class folders of JPEGs whose dominant colour channel is the class: learnable in one epoch."""
+    rng = np.random.default_rng(seed)
+    for index, (name, count) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 90, (*size, 3), dtype=np.uint8)
+            pixels[..., index % 3] += 150
+            Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg")
+    return root
+
+
+@pytest.fixture
+def tiny_tree(tmp_path: Path) -> Path:
+    return make_image_tree(tmp_path / "images", {"red": 10, "green": 10, "blue": 10})
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose conf/train.yaml with overrides, as `tlexp-train` would (no run directory)."""
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+
+    return _compose
+
+
+# A fast, quiet, deterministic run on tiny images and a random-init backbone.
+FAST = [
+    "model.weights=null",
+    "data=imagefolder",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "finetune.phase_a_epochs=1",
+    "finetune.phase_b_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.deterministic=true",
+]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "tlexp.train", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+
+
+def train(run_dir: Path, data_root: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = run_cli(*FAST, f"data.root={data_root}", f"hydra.run.dir={run_dir}", *overrides)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())

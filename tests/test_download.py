@@ -1,0 +1,55 @@
+"""TF Flowers' download path, exercised against a local archive served as a file:// URL."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from tests.conftest import make_image_tree
+from tlexp.download import download_and_extract, sha256sum
+from tlexp.errors import TlexpError
+
+
+@pytest.fixture
+def archive(tmp_path):
+    src = make_image_tree(tmp_path / "src" / "flower_photos", {"daisy": 3, "roses": 3})
+    path = tmp_path / "flower_photos.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src, arcname="flower_photos")
+    return path
+
+
+def test_download_verifies_and_extracts(tmp_path, archive):
+    root = tmp_path / "cache" / "flower_photos"
+    download_and_extract(archive.as_uri(), sha256sum(archive), root)
+    assert sorted(p.name for p in root.iterdir()) == ["daisy", "roses"]
+    assert len(list((root / "daisy").iterdir())) == 3
+    assert (root.parent / "flower_photos.tgz").exists()
+    assert [p.name for p in root.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bad_checksum_leaves_nothing_that_looks_complete(tmp_path, archive):
+    root = tmp_path / "cache" / "flower_photos"
+    with pytest.raises(TlexpError, match="expected 0000"):
+        download_and_extract(archive.as_uri(), "0" * 64, root)
+    assert not root.exists()
+    assert list(root.parent.iterdir()) == []
+
+
+def test_unreachable_url_says_how_to_work_offline(tmp_path):
+    with pytest.raises(TlexpError, match="point data.root at a local copy"):
+        download_and_extract((tmp_path / "missing.tgz").as_uri(), None, tmp_path / "cache" / "flower_photos")
+
+
+def test_datamodule_downloads_only_when_root_is_missing(tmp_path, archive, compose_cfg):
+    from tlexp.data import ImageDataModule
+
+    cfg = compose_cfg(f"data.root={tmp_path}/cache/flower_photos", f"data.url={archive.as_uri()}", f"data.sha256={sha256sum(archive)}")
+    dm = ImageDataModule(cfg.data, seed=0)
+    dm.setup()
+    assert dm.class_names == ["daisy", "roses"]
+    archive.unlink()  # a second module finds the extracted copy and never looks at the URL
+    dm2 = ImageDataModule(cfg.data, seed=0)
+    dm2.setup()
+    assert dm2.class_names == ["daisy", "roses"]

@@ -1,0 +1,49 @@
+"""Focal loss and class weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tlexp.errors import TlexpError
+from tlexp.losses import FocalLoss, build_loss, class_weights
+
+
+def test_focal_with_gamma_zero_is_cross_entropy():
+    logits, target = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    assert torch.allclose(FocalLoss(gamma=0.0)(logits, target), F.cross_entropy(logits, target))
+
+
+def test_focal_down_weights_easy_examples():
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0]])  # an easy and a hard example of class 0
+    target = torch.tensor([0, 0])
+    per_example_ce = F.cross_entropy(logits, target, reduction="none")
+    p_t = torch.exp(-per_example_ce)
+    expected = (-(1 - p_t) ** 2 * torch.log(p_t)).mean()
+    assert torch.allclose(FocalLoss(gamma=2.0)(logits, target), expected)
+    assert FocalLoss(gamma=2.0)(logits[:1], target[:1]) < 0.01 * F.cross_entropy(logits[:1], target[:1])
+
+
+def test_alpha_weights_each_class():
+    logits, target = torch.randn(8, 2), torch.tensor([0, 1] * 4)
+    alpha = torch.tensor([0.25, 0.75])
+    log_p_t = F.log_softmax(logits, 1).gather(1, target[:, None]).squeeze(1)
+    unweighted = -((1 - log_p_t.exp()) ** 2) * log_p_t
+    assert torch.allclose(FocalLoss(2.0, alpha)(logits, target), (unweighted * alpha[target]).mean())
+
+
+def test_auto_weights_are_inverse_frequency():
+    assert torch.allclose(class_weights("auto", [30, 10], "x"), torch.tensor([40 / 60, 40 / 20]))
+    assert class_weights(None, [1, 2], "x") is None
+    with pytest.raises(TlexpError, match="needs 2 non-negative"):
+        class_weights([1.0], [3, 4], "loss.alpha")
+
+
+def test_build_loss_from_config():
+    ce = build_loss({"name": "ce", "label_smoothing": 0.1, "class_weights": "auto"}, [10, 30])
+    assert ce.label_smoothing == 0.1 and torch.allclose(ce.weight, torch.tensor([2.0, 2 / 3]))
+    focal = build_loss({"name": "focal", "gamma": 1.5, "alpha": None}, [1, 1])
+    assert isinstance(focal, FocalLoss) and focal.gamma == 1.5
+    with pytest.raises(TlexpError, match="unknown loss"):
+        build_loss({"name": "hinge"}, [1, 1])

@@ -1,0 +1,110 @@
+"""Listing and splitting image trees: deterministic, stratified, disjoint; clear errors for bad trees."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import make_image_tree
+from tlexp.data import ImageDataModule
+from tlexp.errors import TlexpError
+from tlexp.splits import list_classes, stratified_split
+
+
+def _split(root, seed=42, fractions=(0.7, 0.15, 0.15), limit=None):
+    return stratified_split(root, list_classes(root), fractions, seed, limit)
+
+
+def _paths(split):
+    return {subset: sorted(s.path.name + s.path.parent.name for s in samples) for subset, samples in split.items()}
+
+
+def test_split_is_stratified_disjoint_covering_and_deterministic(tmp_path):
+    root = make_image_tree(tmp_path, {"a": 20, "b": 40, "c": 7})
+    split = _split(root)
+    per_class = {s: Counter(x.label for x in v) for s, v in split.items()}
+    assert per_class["train"] == {0: 14, 1: 28, 2: 5}
+    assert per_class["val"] == {0: 3, 1: 6, 2: 1}
+    assert per_class["test"] == {0: 3, 1: 6, 2: 1}
+    every = [x.path for v in split.values() for x in v]
+    assert len(every) == len(set(every)) == 67
+    assert _paths(_split(root)) == _paths(split)
+    assert _paths(_split(root, seed=7)) != _paths(split)
+
+
+def test_limit_per_class_takes_at_most_n(tmp_path):
+    root = make_image_tree(tmp_path, {"a": 20, "b": 40})
+    split = _split(root, limit=10)
+    assert Counter(x.label for v in split.values() for x in v) == {0: 10, 1: 10}
+
+
+def test_split_ignores_hidden_and_non_image_files(tmp_path):
+    root = make_image_tree(tmp_path, {"a": 10, "b": 10})
+    before = _paths(_split(root))
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "a" / ".hidden.jpg").write_bytes(b"")
+    (root / ".cache").mkdir()
+    assert _paths(_split(root)) == before
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.2, 0.2), (0.7, 0.3, 0.1), (0.0, 0.5, 0.5), (1.2, -0.1, -0.1)])
+def test_split_that_does_not_add_up(tmp_path, fractions):
+    root = make_image_tree(tmp_path, {"a": 5, "b": 5})
+    with pytest.raises(TlexpError, match="summing to 1"):
+        _split(root, fractions=fractions)
+
+
+def test_bad_trees(tmp_path):
+    with pytest.raises(TlexpError, match="no class sub-folders"):
+        list_classes(tmp_path)
+    make_image_tree(tmp_path, {"only": 3})
+    with pytest.raises(TlexpError, match="single class"):
+        list_classes(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TlexpError, match="no images under .*: empty"):
+        list_classes(tmp_path)
+
+
+def _datamodule(root, **overrides):
+    cfg = OmegaConf.create(
+        {"kind": "imagefolder", "root": str(root), "split": [0.7, 0.15, 0.15], "image_size": None, "batch_size": 4,
+         "num_workers": 0, "limit_per_class": None, "augment": {"hflip": True, "crop_scale": [0.8, 1.0], "rotation": 0, "shear": 0}}
+    )
+    return ImageDataModule(OmegaConf.merge(cfg, overrides), seed=1)
+
+
+def test_presplit_tree_is_used_as_given(tmp_path):
+    for subset, n in (("train", 6), ("val", 2), ("test", 3)):
+        make_image_tree(tmp_path / subset, {"x": n, "y": n})
+    dm = _datamodule(tmp_path)
+    dm.setup()
+    assert dm.class_names == ["x", "y"]
+    assert {s: len(v) for s, v in dm.split.items()} == {"train": 12, "val": 4, "test": 6}
+
+
+def test_presplit_with_different_classes_is_refused(tmp_path):
+    make_image_tree(tmp_path / "train", {"x": 3, "y": 3})
+    make_image_tree(tmp_path / "val", {"x": 3, "y": 3})
+    make_image_tree(tmp_path / "test", {"x": 3, "z": 3})
+    with pytest.raises(TlexpError, match="different class folders"):
+        _datamodule(tmp_path).setup()
+
+
+def test_missing_and_file_roots(tmp_path):
+    with pytest.raises(TlexpError, match="does not exist"):
+        _datamodule(tmp_path / "nope").setup()
+    (tmp_path / "file.jpg").write_bytes(b"x")
+    with pytest.raises(TlexpError, match="is a file"):
+        _datamodule(tmp_path / "file.jpg").setup()
+
+
+def test_split_file_is_written(tmp_path):
+    root = make_image_tree(tmp_path / "img", {"a": 10, "b": 10})
+    dm = ImageDataModule(_datamodule(root).cfg, seed=1, split_file=tmp_path / "split.csv")
+    dm.setup()
+    lines = (tmp_path / "split.csv").read_text().splitlines()
+    assert lines[0] == "subset,class,label,path" and len(lines) == 21
+    shutil.rmtree(root / "a")

@@ -1,0 +1,82 @@
+"""Strategy definitions: DESIGN.md's trainable-parameter counts, block and layer selection, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlexp.backbones import build_backbone
+from tlexp.errors import TlexpError
+from tlexp.finetune import phase_b_params
+from tlexp.module import make_head
+from tlexp.strategies import blocks, layers, modules_to_unfreeze, parse_strategy
+
+# DESIGN.md, "these definitions" column: torchvision ResNet-50 with a 5-class head.
+RESNET50_COUNTS = {
+    "frozen": 10_245,
+    "layers_5": 1_062_917,
+    "layers_10": 4_472_837,
+    "layers_40": 15_829_509,
+    "blocks_2": 8_935_429,
+    "blocks_4": 16_092_165,
+    "blocks_10": 22_353_413,
+}
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return build_backbone("torchvision", "resnet50", None)
+
+
+@pytest.mark.parametrize("name,expected", RESNET50_COUNTS.items())
+def test_resnet50_trainable_counts_match_design(resnet50, name, expected):
+    head = make_head(resnet50.feature_dim, 5, hidden_dim=None, dropout=0.2)
+    units = modules_to_unfreeze(resnet50, parse_strategy(name))
+    assert phase_b_params(head, units) == expected
+
+
+def test_full_is_every_backbone_parameter(resnet50):
+    head = make_head(resnet50.feature_dim, 5, None, 0.0)
+    total = sum(p.numel() for p in resnet50.body.parameters()) + sum(p.numel() for p in head.parameters())
+    assert phase_b_params(head, modules_to_unfreeze(resnet50, parse_strategy("full"))) == total
+
+
+@pytest.mark.parametrize(
+    "source,name,n_blocks",
+    [("torchvision", "resnet50", 16), ("torchvision", "mobilenet_v2", 19), ("torchvision", "vgg16", 5),
+     ("torchvision", "efficientnet_b0", 18), ("timm", "tf_efficientnet_lite0", 17)],
+)
+def test_block_counts(source, name, n_blocks):
+    assert len(blocks(build_backbone(source, name, None))) == n_blocks
+
+
+def test_layers_follow_execution_order_up_to_pooling(resnet50):
+    ops = layers(resnet50)
+    assert [u.name for u in ops[-10:]] == [
+        "layer4.2.conv1", "layer4.2.bn1", "layer4.2.relu", "layer4.2.conv2", "layer4.2.bn2",
+        "layer4.2.relu", "layer4.2.conv3", "layer4.2.bn3", "add_15", "layer4.2.relu",
+    ]
+    assert ops[0].name == "conv1"
+
+
+def test_mobilenet_v2_layer_count_is_keras_body():
+    # 153 traced ops in all; the body stops before adaptive_avg_pool2d, flatten, dropout, linear.
+    assert len(layers(build_backbone("torchvision", "mobilenet_v2", None))) == 149
+
+
+def test_larger_n_is_monotone(resnet50):
+    head = make_head(resnet50.feature_dim, 5, None, 0.0)
+    counts = [phase_b_params(head, modules_to_unfreeze(resnet50, parse_strategy(f"layers_{n}"))) for n in (1, 5, 20, 80, 172)]
+    assert counts == sorted(counts)
+
+
+@pytest.mark.parametrize("bad", ["blocks_0", "layer_5", "freeze", "blocks_x", ""])
+def test_unknown_strategy_names(bad):
+    with pytest.raises(TlexpError, match="unknown strategy"):
+        parse_strategy(bad)
+
+
+def test_n_larger_than_backbone_is_a_clear_error(resnet50):
+    with pytest.raises(TlexpError, match="only 16 blocks"):
+        modules_to_unfreeze(resnet50, parse_strategy("blocks_17"))
+    with pytest.raises(TlexpError, match="only 172 layers"):
+        modules_to_unfreeze(resnet50, parse_strategy("layers_500"))

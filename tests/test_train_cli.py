@@ -1,0 +1,116 @@
+"""`tlexp-train` end to end on tiny synthetic data, and its one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import make_image_tree, read_metrics, run_cli, train, FAST
+
+REQUIRED_KEYS = {
+    "model", "strategy", "status", "seed", "num_classes", "class_names", "epochs", "train_acc", "train_loss",
+    "val_acc", "val_loss", "test_acc", "test_loss", "test_f1_macro", "trainable_params",
+    "trainable_params_phase_a", "total_params", "wall_time_s",
+}
+
+
+def test_resnet50_blocks_2_run_writes_metrics(tmp_path, tiny_tree):
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_tree, "model=resnet50", "strategy=blocks_2", "data.image_size=64")
+    metrics = read_metrics(run_dir)
+    assert REQUIRED_KEYS <= metrics.keys()
+    assert metrics["status"] == "completed"
+    assert metrics["trainable_params"] == 8_935_429 - 10_245 + (2048 * 3 + 3)  # 3 classes here
+    assert metrics["trainable_params_phase_a"] == 2048 * 3 + 3
+    assert metrics["epochs"] == 2 and [e["phase_b"] for e in metrics["history"]] == [False, True]
+    assert metrics["unfrozen_modules"] == ["layer4.1", "layer4.2"]
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["num_classes"] == 3
+    for name in ("train.log", "split.csv", ".hydra/config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    log = (run_dir / "train.log").read_text()
+    assert "phase B from epoch 1: backbone modules unfrozen: layer4.1, layer4.2; trainable parameters: 8,931,331" in log
+
+
+def test_five_class_resnet50_reports_design_count(tmp_path):
+    root = make_image_tree(tmp_path / "five", {c: 4 for c in "abcde"}, size=(24, 24))
+    train(tmp_path / "run", root, "model=resnet50", "strategy=blocks_2", "data.image_size=32", "finetune.phase_b_epochs=0")
+    assert read_metrics(tmp_path / "run")["trainable_params"] == 8_935_429
+
+
+def test_frozen_strategy_stops_after_phase_a(tmp_path, tiny_tree):
+    train(tmp_path / "run", tiny_tree, "model=resnet18", "strategy=frozen", "finetune.phase_b_epochs=3")
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["epochs"] == 1 and metrics["trainable_params"] == metrics["trainable_params_phase_a"] == 512 * 3 + 3
+
+
+def test_lr_groups_are_named_and_scaled(tmp_path, tiny_tree):
+    train(tmp_path / "run", tiny_tree, "model=resnet18", "strategy=full", "optim=sgd", "optim.lr=0.02", "finetune.backbone_lr_factor=0.5")
+    history = read_metrics(tmp_path / "run")["history"]
+    assert history[-1]["lr_head"] == pytest.approx(0.02) and history[-1]["lr_backbone"] == pytest.approx(0.01)
+
+
+def _assert_clean_failure(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "overrides,fragments",
+    [
+        (["model.name=resnet5O"], ["unknown torchvision classification model 'resnet5O'", "resnet50"]),
+        (["strategy=blocks_two"], ["unknown strategy 'blocks_two'"]),
+        (["model=resnet18", "strategy=blocks_9"], ["resnet18 has only 8 blocks"]),
+        (["model=resnet18", "data.split=[0.5,0.2,0.2]"], ["summing to 1"]),
+        (["model=resnet18", "optim.lr=0"], ["optim.lr must be > 0"]),
+        (["model=resnet18", "model.weights=IMAGENET9K"], ["not a weights name of resnet18"]),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):
+    result = train(tmp_path / "run", tiny_tree, *overrides, check=False)
+    _assert_clean_failure(result, *fragments)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_missing_and_empty_data_roots(tmp_path):
+    _assert_clean_failure(train(tmp_path / "r1", tmp_path / "nowhere", "model=resnet18", check=False), "does not exist")
+    (tmp_path / "empty").mkdir()
+    _assert_clean_failure(train(tmp_path / "r2", tmp_path / "empty", "model=resnet18", check=False), "no class sub-folders")
+    make_image_tree(tmp_path / "holey", {"a": 3, "b": 3})
+    (tmp_path / "holey" / "c").mkdir()
+    _assert_clean_failure(train(tmp_path / "r3", tmp_path / "holey", "model=resnet18", check=False), "no images", ": c")
+
+
+def test_imagefolder_without_root_says_so(tmp_path):
+    result = run_cli(*[o for o in FAST], "model=resnet18", f"hydra.run.dir={tmp_path / 'run'}")
+    _assert_clean_failure(result, "data.root")
+
+
+def test_unknown_key_is_refused_by_hydra(tmp_path, tiny_tree):
+    result = train(tmp_path / "run", tiny_tree, "model=resnet18", "optim.learning_rate=0.1", check=False)
+    assert result.returncode != 0 and "learning_rate" in result.stderr
+
+
+def test_checkpoint_from_another_model_or_classes_is_refused(tmp_path, tiny_tree):
+    train(tmp_path / "src", tiny_tree, "model=resnet18", "strategy=frozen")
+    ckpt = tmp_path / "src" / "checkpoints" / "last.ckpt"
+    other_model = train(tmp_path / "r1", tiny_tree, "model=mobilenet_v2", f"ckpt_path={ckpt}", check=False)
+    _assert_clean_failure(other_model, "holds a resnet18", "model=")
+    four = make_image_tree(tmp_path / "four", {"a": 4, "b": 4, "c": 4, "d": 4})
+    other_classes = train(tmp_path / "r2", four, "model=resnet18", f"ckpt_path={ckpt}", check=False)
+    _assert_clean_failure(other_classes, "was trained on classes")
+
+
+def test_local_weights_file(tmp_path, tiny_tree):
+    import torchvision
+
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    train(tmp_path / "run", tiny_tree, "model=resnet18", f"model.weights={weights}", "strategy=frozen")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["weights"] == str(weights)
+    torch.save(torchvision.models.resnet34().state_dict(), weights)
+    _assert_clean_failure(train(tmp_path / "r2", tiny_tree, "model=resnet18", f"model.weights={weights}", check=False), "does not fit ResNet")
