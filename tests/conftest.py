@@ -65,7 +65,7 @@ FAST = [
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [sys.executable, "-m", "tlexp.train", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+        [sys.executable, "-m", "tlexp.train", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 import torch
 
 from tests.conftest import read_metrics, train
@@ -17,19 +18,22 @@ def _weights(run_dir):
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
-def test_kill_in_phase_b_then_resume_matches_uninterrupted(tmp_path, tiny_tree):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_in_phase_b_then_resume_matches_uninterrupted(tmp_path, tiny_tree, workers):
+    """Bit-identical weights: data order, augmentation and dropout do not depend on where the run started."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    train(whole, tiny_tree, *SCHEDULE)
+    schedule = (*SCHEDULE, f"data.num_workers={workers}")
+    train(whole, tiny_tree, *schedule)
 
-    killed = train(broken, tiny_tree, *SCHEDULE, "+callbacks.killer._target_=tests.helpers.KillAtEpochStart", "+callbacks.killer.epoch=2", check=False)
+    killed = train(broken, tiny_tree, *schedule, "+callbacks.killer._target_=tests.helpers.KillAtEpochStart", "+callbacks.killer.epoch=2", check=False)
     assert killed.returncode == -signal.SIGKILL
     assert not (broken / "metrics.json").exists()
     assert torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1  # mid phase B
 
-    train(broken, tiny_tree, *SCHEDULE, f"ckpt_path={broken / 'checkpoints' / 'last.ckpt'}")
+    train(broken, tiny_tree, *schedule, f"ckpt_path={broken / 'checkpoints' / 'last.ckpt'}")
     expected, resumed = read_metrics(whole), read_metrics(broken)
     assert {k: resumed[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
-    strip = lambda h: [{k: v for k, v in e.items()} for e in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in e.items()} for e in h]
     assert strip(resumed["history"]) == strip(expected["history"])
     a, b = _weights(whole), _weights(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

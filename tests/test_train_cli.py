@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import make_image_tree, read_metrics, run_cli, train, FAST
+from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
 
 REQUIRED_KEYS = {
     "model", "strategy", "status", "seed", "num_classes", "class_names", "epochs", "train_acc", "train_loss",
@@ -73,7 +73,9 @@ def _assert_clean_failure(result, *fragments):
 def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):
     result = train(tmp_path / "run", tiny_tree, *overrides, check=False)
     _assert_clean_failure(result, *fragments)
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    failed = read_metrics(tmp_path / "run")  # recorded for sweeps, never mistaken for a result
+    assert failed["status"] == "failed" and fragments[0] in failed["error"] and "test_acc" not in failed
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_missing_and_empty_data_roots(tmp_path):

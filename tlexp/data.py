@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
-from PIL import Image, ImageOps
 import torch
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlexp import splits
@@ -35,9 +35,11 @@ class ImageListDataset(Dataset):
         sample = self.samples[index]
         with Image.open(sample.path) as image:
             rgb = ImageOps.exif_transpose(image).convert("RGB")
-        if seed is not None:
+        if seed is None:
+            return self.transform(rgb), sample.label
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream (dropout) untouched
             torch.manual_seed(seed)
-        return self.transform(rgb), sample.label
+            return self.transform(rgb), sample.label
 
 
 class EpochSeededSampler(Sampler):
@@ -121,7 +123,11 @@ class ImageDataModule(pl.LightningDataModule):
         transform = train_transform(self.preprocessing, self.cfg.augment) if train else eval_transform(self.preprocessing)
         dataset = ImageListDataset(self.split[subset], transform)
         sampler = EpochSeededSampler(len(dataset), self.seed, self._current_epoch) if train else None
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers)
+        # Its own generator: the workers' base seed is then not drawn from the global RNG either.
+        return DataLoader(
+            dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+            generator=torch.Generator(),
+        )
 
     def _current_epoch(self) -> int:
         """The epoch the next iterator serves: Lightning's own ``set_epoch`` value (epochs processed).

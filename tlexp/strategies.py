@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 import torchvision
-from torch import nn
+from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tlexp.backbones import Backbone
@@ -122,9 +122,11 @@ class _Tracer(fx.Tracer):
 
 
 def _spatial(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return shape is not None and len(shape) >= 3 and int(torch.tensor(shape[1 if len(shape) == 3 else 2 :]).prod()) > 1
+    """True while the op still sees a grid (N,C,H,W with H*W > 1) or a token sequence (N,L,D with L > 1)."""
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if shape is None or len(shape) < 3:
+        return False
+    return (shape[1] if len(shape) == 3 else math.prod(shape[2:])) > 1
 
 
 def layers(backbone: Backbone) -> list[Unit]:

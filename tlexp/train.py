@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from pytorch_lightning.callbacks import RichProgressBar
@@ -24,6 +26,7 @@ from tlexp.errors import TlexpError
 from tlexp.finetune import PhasedFinetuning, phase_b_params
 from tlexp.history import EpochHistory
 from tlexp.module import TransferModule
+from tlexp.profiling import gflops_per_image, inference_speed
 from tlexp.reseed import ReseedEachEpoch
 from tlexp.strategies import modules_to_unfreeze, parse_strategy
 
@@ -38,7 +41,7 @@ def _check_resume_checkpoint(path: str, model_cfg: dict, class_names: list[str])
         raise TlexpError(f"ckpt_path={path}: no such file (resume from <run dir>/checkpoints/last.ckpt)")
     try:
         hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+    except Exception as exc:  # any unreadable file gets the same advice
         raise TlexpError(f"ckpt_path={path} is not a readable Lightning checkpoint ({exc})") from exc
     saved_model = hparams.get("model", {})
     theirs = (saved_model.get("source"), saved_model.get("name"))
@@ -58,7 +61,7 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_config(cfg)
     strategy = parse_strategy(cfg.strategy)
@@ -71,8 +74,8 @@ def run(cfg: DictConfig) -> dict:
     datamodule = ImageDataModule(cfg.data, seed=cfg.seed, split_file=run_dir / "split.csv")
     datamodule.setup()
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    if cfg.ckpt_path:
-        _check_resume_checkpoint(cfg.ckpt_path, model_cfg, datamodule.class_names)
+    if ckpt_path:
+        _check_resume_checkpoint(ckpt_path, model_cfg, datamodule.class_names)
     module = TransferModule(
         model=model_cfg,
         class_names=datamodule.class_names,
@@ -95,11 +98,20 @@ def run(cfg: DictConfig) -> dict:
         max_epochs=total_epochs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
         **OmegaConf.to_container(cfg.trainer, resolve=True),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # Read the history before testing: restoring the best checkpoint also restores callback state.
+    epochs, best, fit_seconds = list(history.epochs), history.best(), history.elapsed()
+    after_fit = time.perf_counter()
     best_ckpt = trainer.checkpoint_callback.best_model_path  # the first ModelCheckpoint: best by val/acc
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt, verbose=False)[0]
 
-    best = history.best()
+    speed = {}
+    if cfg.profile.enabled:
+        size = datamodule.preprocessing.crop_size
+        speed = {
+            "gflops": gflops_per_image(module, size),
+            **inference_speed(module, size, cfg.profile.batch_size, cfg.profile.warmup, cfg.profile.repeats),
+        }
     phase_a = sum(p.numel() for p in module.head.parameters())
     metrics = {
         "status": "completed",
@@ -127,9 +139,10 @@ def run(cfg: DictConfig) -> dict:
         "total_params": sum(p.numel() for p in module.parameters()),
         "unfrozen_modules": [u.name for u in units],
         "preprocessing": datamodule.preprocessing.as_dict(),
-        "wall_time_s": history.elapsed(),
+        **speed,
+        "wall_time_s": fit_seconds + time.perf_counter() - after_fit,
         "run_dir": str(run_dir),
-        "history": history.epochs,
+        "history": epochs,
     }
     _write_json(run_dir / "metrics.json", metrics)
     final = {f"final/{k}": metrics[k] for k in ("train_acc", "val_acc", "test_acc", "test_f1_macro") if metrics[k] is not None}
@@ -152,18 +165,54 @@ def _flat_hparams(cfg: DictConfig, strategy: str) -> dict:
     }
 
 
+def _failed(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
+    """Record a failed job where the table will look for it, so a sweep shows it as a failed row."""
+    _write_json(run_dir / "metrics.json", {
+        "status": "failed", "error": f"{type(exc).__name__}: {exc}", "model": cfg.model.name,
+        "strategy": str(cfg.strategy), "seed": cfg.seed, "run_dir": str(run_dir),
+    })
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[dict | None, str | None]:
+    """With ``resume=true``: (metrics of a completed run, None) or (None, its last.ckpt if any)."""
+    metrics_file, last = run_dir / "metrics.json", run_dir / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path or not cfg.resume:
+        return None, cfg.ckpt_path
+    if metrics_file.exists():
+        previous = json.loads(metrics_file.read_text())
+        if previous.get("status") == "completed":
+            return previous, None
+    return None, str(last) if last.exists() else None
+
+
 # conf/ sits at the repository top level (DESIGN.md); an absolute path keeps Hydra on the file system.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """One job. In a sweep a failing job is recorded and the sweep goes on; alone, it exits non-zero."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        return run(cfg)["test_acc"]
+        done, ckpt_path = _resume_point(cfg, run_dir)
+        if done is not None:
+            log.info("resume=true: %s already completed (test acc %.4f); skipped", run_dir, done["test_acc"])
+            return done["test_acc"]
+        return run(cfg, ckpt_path)["test_acc"]
     except (TlexpError, MissingMandatoryValue) as exc:
+        _failed(cfg, run_dir, exc)
         log.error("%s", exc)
         print(f"tlexp-train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if not in_sweep:
+            sys.exit(2)
+    except Exception as exc:
+        _failed(cfg, run_dir, exc)
+        if not in_sweep:
+            raise
+        log.exception("job failed; the sweep goes on")
+    return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Phase A/B on a real Trainer: what trains, what stays put, BatchNorm modes, and resume re-applying B."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tests.conftest import make_image_tree
+from tlexp.data import ImageDataModule
+from tlexp.finetune import PhasedFinetuning
+from tlexp.module import TransferModule
+from tlexp.strategies import modules_to_unfreeze, parse_strategy
+
+
+def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int):
+    dm = ImageDataModule(cfg_data, seed=0)
+    dm.setup()
+    module = TransferModule(
+        model={"source": "torchvision", "name": "resnet18", "weights": None, "head": {"hidden_dim": None, "dropout": 0.0}},
+        class_names=dm.class_names, class_counts=dm.class_counts,
+        loss={"name": "ce", "label_smoothing": 0.0, "class_weights": None},
+        optim={"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "scheduler": None},
+        backbone_lr_factor=0.1, total_epochs=phase_a + phase_b,
+    )
+    dm.preprocessing = module.backbone_spec.preprocessing.at_size(32)
+    units = modules_to_unfreeze(module.backbone_spec, parse_strategy(strategy))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = pl.Trainer(
+        max_epochs=phase_a + phase_b, callbacks=[PhasedFinetuning(units, phase_a)], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    return module, changed
+
+
+def _data_cfg(root):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {"kind": "imagefolder", "root": str(root), "split": [0.7, 0.15, 0.15], "image_size": 32, "batch_size": 8,
+         "num_workers": 0, "limit_per_class": None, "augment": {"hflip": True, "crop_scale": [0.8, 1.0], "rotation": 0, "shear": 0}}
+    )
+
+
+def test_phase_b_trains_only_the_strategy_modules(tmp_path):
+    root = make_image_tree(tmp_path / "img", {"a": 8, "b": 8})
+    module, changed = _fit(tmp_path, _data_cfg(root), "blocks_1", phase_a=1, phase_b=1)
+    backbone_changed = {k for k in changed if k.startswith("backbone.")}
+    assert backbone_changed and all(k.startswith("backbone.layer4.1.") for k in backbone_changed)
+    assert {"head.1.weight", "head.1.bias"} <= changed
+    # running statistics of frozen BatchNorm never moved; the unfrozen block's did
+    assert "backbone.bn1.running_mean" not in changed and "backbone.layer4.0.bn1.running_var" not in changed
+    assert "backbone.layer4.1.bn1.running_mean" in changed
+    modes = {name: m.training for name, m in module.backbone.named_modules() if isinstance(m, _BatchNorm)}
+    assert modes["layer4.1.bn1"] and not modes["layer4.0.bn1"] and not modes["bn1"]
+
+
+def test_frozen_strategy_changes_no_backbone_tensor(tmp_path):
+    root = make_image_tree(tmp_path / "img", {"a": 8, "b": 8})
+    _, changed = _fit(tmp_path, _data_cfg(root), "frozen", phase_a=2, phase_b=0)
+    assert changed == {"head.1.weight", "head.1.bias"}

@@ -1,0 +1,93 @@
+"""Hydra multirun → tlexp-table: rows, files, failed jobs, resume=true, --compare."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import FAST, run_cli
+from tlexp.table import main as table_main
+
+QUICK_PROFILE = ("profile.batch_size=4", "profile.warmup=1", "profile.repeats=2")
+
+
+def _sweep(sweep_dir, data_root, *overrides):
+    result = run_cli("-m", *FAST, *QUICK_PROFILE, f"data.root={data_root}", f"hydra.sweep.dir={sweep_dir}", *overrides, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _table_rows(sweep_dir):
+    with open(sweep_dir / "table.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_of_two_models_and_two_strategies_makes_the_table(tmp_path, tiny_tree):
+    sweep = tmp_path / "sweep"
+    _sweep(sweep, tiny_tree, "model=resnet18,mobilenet_v2", "strategy=frozen,blocks_2")
+    assert table_main([str(sweep), "--print"]) == 0
+    rows = _table_rows(sweep)
+    assert [(r["Model"], r["Strategy"], r["Status"]) for r in rows] == [
+        ("resnet18", "frozen", "completed"), ("resnet18", "blocks_2", "completed"),
+        ("mobilenet_v2", "frozen", "completed"), ("mobilenet_v2", "blocks_2", "completed"),
+    ]
+    assert all(float(r["Inference Speed (ms/image)"]) > 0 and float(r["GFLOPs"]) > 0 for r in rows)
+    assert rows[0]["Trainable Parameters"] == str(512 * 3 + 3)
+    markdown = (sweep / "table.md").read_text().splitlines()
+    assert markdown[0].startswith("| Model | Strategy | Training Accuracy | Training Loss | Validation Accuracy")
+    assert len(markdown) == 2 + 4 and "%" in markdown[2]
+    for png in ("accuracy_vs_speed.png", "curves.png"):
+        assert (sweep / png).stat().st_size > 10_000
+    metrics = json.loads(next(sweep.glob("0_*/metrics.json")).read_text())
+    assert metrics["speed_setup"]["batch_sizes"] == [1, 4] and metrics["images_per_s"] > 0
+    phases = [e["phase_b"] for e in json.loads(next(sweep.glob("1_*/metrics.json")).read_text())["history"]]
+    assert phases == [False, True]  # the whole history, not the best checkpoint's copy of it
+
+
+def test_a_failing_job_does_not_stop_the_sweep_and_resume_skips_done_jobs(tmp_path, tiny_tree):
+    sweep = tmp_path / "sweep"
+    args = ("model=resnet18", "strategy=frozen,blocks_2,blocks_99,blocks_1")
+    _sweep(sweep, tiny_tree, *args)
+    assert table_main([str(sweep)]) == 0
+    rows = _table_rows(sweep)
+    assert [r["Status"] for r in rows] == ["completed", "completed", "failed", "completed"]
+    assert "only 8 blocks" in rows[2]["Error"]
+    assert "FAILED" in (sweep / "table.md").read_text()
+
+    done = {p: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json") if "blocks_99" not in str(p)}
+    result = _sweep(sweep, tiny_tree, *args, "resume=true")
+    assert (result.stdout + result.stderr).count("already completed") == 3
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+
+
+def test_compare_prints_per_row_differences(tmp_path, tiny_tree, capsys):
+    sweep = tmp_path / "sweep"
+    _sweep(sweep, tiny_tree, "model=resnet18", "strategy=frozen")
+    reference = tmp_path / "ref.csv"
+    reference.write_text("Model,Strategy,Test Accuracy,Trainable Parameters\nresnet18,frozen,50.00%,\"1,000\"\n")
+    assert table_main([str(sweep), "--compare", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet18 | frozen |" in out and f"{512 * 3 + 3 - 1000:+,}" in out and " pt" in out
+
+
+def test_table_of_an_empty_directory_is_a_clear_error(tmp_path, capsys):
+    assert table_main([str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("experiment,n", [("seed_table", 14), ("seed_table_offline", 7)])
+def test_experiments_define_the_reference_sweeps(experiment, n):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    strategies = params.strategy.split(",")
+    assert strategies == ["frozen", "layers_5", "layers_10", "layers_40", "blocks_2", "blocks_4", "blocks_10"]
+    assert len(strategies) * len(params.get("model", cfg.model.name).split(",")) == n
+    assert (cfg.finetune.phase_a_epochs, cfg.finetune.phase_b_epochs) == (5, 15)
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.data.kind == "tf_flowers"
