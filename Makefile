@@ -7,10 +7,9 @@ PYTEST_ARGS ?=
 
 .PHONY: install test test-fast train tensorboard lint clean
 
+# torch/torchvision are pinned to the releases this machine's pip serves from local disk.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# torch/torchvision pinned to the releases the machine serves from local disk.
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install -q -e ".[dev,timm,offline-weights]"
 	touch $@

@@ -91,3 +91,17 @@ def test_experiments_define_the_reference_sweeps(experiment, n):
     assert len(strategies) * len(params.get("model", cfg.model.name).split(",")) == n
     assert (cfg.finetune.phase_a_epochs, cfg.finetune.phase_b_epochs) == (5, 15)
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.data.kind == "tf_flowers"
+
+
+def test_reference_study_csv_matches_design_and_compares(tmp_path, capsys):
+    """docs/reference_study.csv is DESIGN.md's table; --compare reads it (rows built by hand here)."""
+    from tests.conftest import REPO
+
+    sweep = tmp_path / "sweep"
+    (sweep / "0_resnet50_blocks_2").mkdir(parents=True)
+    (sweep / "0_resnet50_blocks_2" / "metrics.json").write_text(json.dumps(
+        {"status": "completed", "model": "resnet50", "strategy": "blocks_2", "train_acc": 0.95, "val_acc": 0.9,
+         "test_acc": 0.9283, "trainable_params": 8_935_429, "ms_per_image": 80.0, "seed": 42}))
+    assert table_main([str(sweep), "--compare", str(REPO / "docs" / "reference_study.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet50 | blocks_2 | -0.60 pt | +0.11 pt | +1.00 pt | -6,144 | -7.03 |" in out

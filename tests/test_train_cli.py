@@ -116,3 +116,16 @@ def test_local_weights_file(tmp_path, tiny_tree):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["weights"] == str(weights)
     torch.save(torchvision.models.resnet34().state_dict(), weights)
     _assert_clean_failure(train(tmp_path / "r2", tiny_tree, "model=resnet18", f"model.weights={weights}", check=False), "does not fit ResNet")
+
+
+def test_cosine_schedule_decays_both_groups_from_their_own_rates(tmp_path, tiny_tree):
+    train(tmp_path / "run", tiny_tree, "model=resnet18", "strategy=full", "optim.scheduler=cosine", "finetune.phase_b_epochs=3")
+    history = read_metrics(tmp_path / "run")["history"]
+    heads = [e["lr_head"] for e in history]
+    assert heads[0] == pytest.approx(1e-3) and heads == sorted(heads, reverse=True) and heads[-1] < 1e-3
+    assert all(e["lr_backbone"] == pytest.approx(0.1 * e["lr_head"]) for e in history)
+
+
+def test_early_stopping_config_adds_the_callback(compose_cfg):
+    cfg = compose_cfg("callbacks=early_stopping")
+    assert cfg.callbacks.early_stopping.monitor == "val/acc" and cfg.callbacks.model_checkpoint.filename == "best"

@@ -14,17 +14,22 @@ class EpochHistory(Callback):
         self.epochs: list[dict] = []
         self.wall_time_s = 0.0
         self._since = time.perf_counter()
+        self._lrs: dict = {}
 
     def _tick(self) -> None:
         now = time.perf_counter()
         self.wall_time_s += now - self._since
         self._since = now
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # the rates this epoch trains with (an epoch-wise scheduler has stepped by epoch end)
+        self._lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(trainer.optimizers[0].param_groups)}
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch}
         row.update({k.replace("/", "_"): float(metrics[k]) for k in KEYS if k in metrics})
-        row.update({f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(trainer.optimizers[0].param_groups)})
+        row.update(self._lrs)
         row["phase_b"] = bool(metrics.get("finetune/phase_b", 0.0) > 0.5)
         self.epochs = [e for e in self.epochs if e["epoch"] < row["epoch"]] + [row]
         self._tick()

@@ -53,6 +53,7 @@ class TransferModule(pl.LightningModule):
         self.test_recall = MulticlassRecall(num_classes, average="none")
         self.test_confmat = MulticlassConfusionMatrix(num_classes)
         self.test_results: dict = {}
+        self.memory_format = torch.contiguous_format  # perf.channels_last sets torch.channels_last
 
     def train(self, mode: bool = True):
         """Frozen BatchNorm stays in eval mode (running statistics untouched), as Keras does."""
@@ -64,7 +65,7 @@ class TransferModule(pl.LightningModule):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.backbone(x.contiguous(memory_format=self.memory_format)))
 
     def _step(self, batch, stage: str, accuracy) -> torch.Tensor:
         x, y = batch

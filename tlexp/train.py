@@ -26,6 +26,7 @@ from tlexp.errors import TlexpError
 from tlexp.finetune import PhasedFinetuning, phase_b_params
 from tlexp.history import EpochHistory
 from tlexp.module import TransferModule
+from tlexp.perf import resolve_precision, tune_glibc_malloc
 from tlexp.profiling import gflops_per_image, inference_speed
 from tlexp.reseed import ReseedEachEpoch
 from tlexp.strategies import modules_to_unfreeze, parse_strategy
@@ -70,6 +71,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     if total_epochs < 1:
         raise TlexpError("finetune.phase_a_epochs + finetune.phase_b_epochs must be >= 1")
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.perf.tune_malloc and not tune_glibc_malloc():
+        log.info("perf.tune_malloc: not a glibc system, allocator left as it is")
 
     datamodule = ImageDataModule(cfg.data, seed=cfg.seed, split_file=run_dir / "split.csv")
     datamodule.setup()
@@ -86,6 +89,9 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         total_epochs=total_epochs,
     )
     datamodule.preprocessing = module.backbone_spec.preprocessing.at_size(cfg.data.image_size)
+    if cfg.perf.channels_last:
+        module.memory_format = torch.channels_last
+        module.to(memory_format=torch.channels_last)
     units = modules_to_unfreeze(module.backbone_spec, strategy)
 
     history = EpochHistory()
@@ -94,9 +100,10 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar())
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
     trainer = pl.Trainer(
-        max_epochs=total_epochs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        max_epochs=total_epochs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks, **trainer_args
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     # Read the history before testing: restoring the best checkpoint also restores callback state.
@@ -120,6 +127,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         "weights": cfg.model.weights,
         "strategy": strategy.name,
         "seed": cfg.seed,
+        "perf": cfg.perf.name,
+        "precision": trainer_args["precision"],
         "num_classes": len(datamodule.class_names),
         "class_names": datamodule.class_names,
         "images": {s: len(v) for s, v in datamodule.split.items()},

@@ -1,0 +1,38 @@
+"""perf=fast vs perf=naive: what each switches, and that the switches hold on this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import read_metrics, train
+from tlexp import perf
+
+
+def test_fast_is_default_and_naive_turns_everything_off(compose_cfg):
+    fast, naive = compose_cfg(), compose_cfg("perf=naive")
+    assert (fast.perf.name, fast.perf.tune_malloc, fast.perf.channels_last, fast.trainer.precision) == ("fast", True, True, "auto")
+    assert (naive.perf.tune_malloc, naive.perf.channels_last, naive.trainer.precision) == (False, False, "32-true")
+    assert compose_cfg("trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
+
+
+def test_malloc_tuning_applies_on_glibc():
+    assert perf.tune_glibc_malloc() is True
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(perf.torch.cuda, "is_available", lambda: False)
+    assert perf.resolve_precision("auto", "auto") == expected
+    assert perf.resolve_precision("16-mixed", "auto") == "16-mixed"
+
+
+def test_naive_and_fast_runs_agree(tmp_path, tiny_tree):
+    """Same seed, same data: the fast path changes memory layout and allocation, not the numbers."""
+    args = ("model=resnet18", "strategy=blocks_2", "trainer.precision=32-true")
+    train(tmp_path / "fast", tiny_tree, *args, "perf=fast")
+    train(tmp_path / "naive", tiny_tree, *args, "perf=naive")
+    fast, naive = read_metrics(tmp_path / "fast"), read_metrics(tmp_path / "naive")
+    assert fast["perf"] == "fast" and naive["perf"] == "naive"
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert fast[key] == pytest.approx(naive[key], rel=1e-4, abs=1e-5)
