@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 
 import pytest
@@ -107,4 +106,3 @@ def test_split_file_is_written(tmp_path):
     dm.setup()
     lines = (tmp_path / "split.csv").read_text().splitlines()
     assert lines[0] == "subset,class,label,path" and len(lines) == 21
-    shutil.rmtree(root / "a")

@@ -1,7 +1,8 @@
-"""Reseed every epoch from (seed, epoch) so a resumed run draws the same shuffles and augmentations.
+"""Reseed the global RNG every epoch from (seed, epoch), for the model's own randomness (dropout).
 
-Lightning checkpoints hold no RNG state; deriving it from the epoch makes the random stream of epoch
-k the same whether the process started at epoch 0 or resumed at k.
+Lightning checkpoints hold no RNG state; deriving it from the epoch makes epoch k's dropout masks the
+same whether the process started at epoch 0 or resumed at k. (Shuffling and augmentation are seeded
+by ``data.EpochSeededSampler`` and never touch this stream.)
 """
 
 from __future__ import annotations
