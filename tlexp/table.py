@@ -127,7 +127,8 @@ def curves(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Validation accuracy per epoch (dashed: backbone unfrozen)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
