@@ -30,6 +30,19 @@ def make_image_tree(root: Path, classes: dict[str, int], size=(40, 48), seed: in
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory) -> Path:
+    """Downloads and the feature cache go to a fresh folder, never the user's ~/.cache/tlexp."""
+    folder = tmp_path_factory.mktemp("tlexp-data")
+    previous = os.environ.get("TLEXP_DATA_DIR")
+    os.environ["TLEXP_DATA_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("TLEXP_DATA_DIR")
+    else:
+        os.environ["TLEXP_DATA_DIR"] = previous
+
+
 @pytest.fixture
 def tiny_tree(tmp_path: Path) -> Path:
     return make_image_tree(tmp_path / "images", {"red": 10, "green": 10, "blue": 10})

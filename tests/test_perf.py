@@ -10,8 +10,12 @@ from tlexp import perf
 
 def test_fast_is_default_and_naive_turns_everything_off(compose_cfg):
     fast, naive = compose_cfg(), compose_cfg("perf=naive")
-    assert (fast.perf.name, fast.perf.tune_malloc, fast.perf.channels_last, fast.trainer.precision) == ("fast", True, True, "auto")
-    assert (naive.perf.tune_malloc, naive.perf.channels_last, naive.trainer.precision) == (False, False, "32-true")
+    assert (fast.perf.name, fast.perf.tune_malloc, fast.perf.channels_last, fast.perf.feature_cache, fast.trainer.precision) == (
+        "fast", True, True, True, "auto"
+    )
+    assert (naive.perf.tune_malloc, naive.perf.channels_last, naive.perf.feature_cache, naive.trainer.precision) == (
+        False, False, False, "32-true"
+    )
     assert compose_cfg("trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
 
 
@@ -28,9 +32,12 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native, expected
 
 
 def test_naive_and_fast_runs_agree(tmp_path, tiny_tree):
-    """Same seed, same data: the fast path changes memory layout and allocation, not the numbers."""
+    """Same seed, same data: the fast kernels change memory layout and allocation, not the numbers.
+
+    (The feature cache changes which augmented views are seen: tests/test_feature_cache.py.)
+    """
     args = ("model=resnet18", "strategy=blocks_2", "trainer.precision=32-true")
-    train(tmp_path / "fast", tiny_tree, *args, "perf=fast")
+    train(tmp_path / "fast", tiny_tree, *args, "perf=fast", "perf.feature_cache=false")
     train(tmp_path / "naive", tiny_tree, *args, "perf=naive")
     fast, naive = read_metrics(tmp_path / "fast"), read_metrics(tmp_path / "naive")
     assert fast["perf"] == "fast" and naive["perf"] == "naive"

@@ -18,11 +18,14 @@ def _weights(run_dir):
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_kill_in_phase_b_then_resume_matches_uninterrupted(tmp_path, tiny_tree, workers):
-    """Bit-identical weights: data order, augmentation and dropout do not depend on where the run started."""
+@pytest.mark.parametrize(("perf", "workers"), [("naive", 0), ("naive", 2), ("fast", 2)])
+def test_kill_in_phase_b_then_resume_matches_uninterrupted(tmp_path, tiny_tree, perf, workers):
+    """Bit-identical weights: data order, augmentation and dropout do not depend on where the run started.
+
+    perf=naive trains on images (random augmentation per epoch); perf=fast on the frozen-prefix cache.
+    """
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    schedule = (*SCHEDULE, f"data.num_workers={workers}")
+    schedule = (*SCHEDULE, f"perf={perf}", f"data.num_workers={workers}")
     train(whole, tiny_tree, *schedule)
 
     killed = train(broken, tiny_tree, *schedule, "+callbacks.killer._target_=tests.helpers.KillAtEpochStart", "+callbacks.killer.epoch=2", check=False)

@@ -79,6 +79,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.split_file = split_file
         self.split: dict[str, list[splits.Sample]] = {}
         self.class_names: list[str] = []
+        # (subset, epoch) -> cached frozen-prefix dataset, or None for images (tlexp.prefix_features)
+        self.feature_source: Callable[[str, int], Dataset | None] | None = None
 
     @property
     def root(self) -> Path:
@@ -119,14 +121,19 @@ class ImageDataModule(pl.LightningDataModule):
         counts = Counter(s.label for s in self.split["train"])
         return [counts[i] for i in range(len(self.class_names))]
 
-    def _loader(self, subset: str, train: bool) -> DataLoader:
+    def image_dataset(self, subset: str, train: bool) -> ImageListDataset:
         transform = train_transform(self.preprocessing, self.cfg.augment) if train else eval_transform(self.preprocessing)
-        dataset = ImageListDataset(self.split[subset], transform)
+        return ImageListDataset(self.split[subset], transform)
+
+    def _loader(self, subset: str, train: bool) -> DataLoader:
+        cached = self.feature_source(subset, self._current_epoch()) if self.feature_source and subset != "test" else None
+        dataset = cached if cached is not None else self.image_dataset(subset, train)
         sampler = EpochSeededSampler(len(dataset), self.seed, self._current_epoch) if train else None
         # Its own generator: the workers' base seed is then not drawn from the global RNG either.
+        # Cached tensors are in memory already: worker processes would only add copying.
         return DataLoader(
-            dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
-            generator=torch.Generator(),
+            dataset, batch_size=self.cfg.batch_size, sampler=sampler, generator=torch.Generator(),
+            num_workers=0 if cached is not None else self.cfg.num_workers,
         )
 
     def _current_epoch(self) -> int:

@@ -41,6 +41,11 @@ class PhasedFinetuning(BaseFinetuning):
     def phase_at(self, epoch: int) -> str:
         return "B" if self.units and epoch >= self.phase_a_epochs else "A"
 
+    def trainable_at(self, epoch: int) -> tuple[str, list[nn.Module]]:
+        """The phase of ``epoch`` and the backbone modules it trains."""
+        phase = self.phase_at(epoch)
+        return phase, [m for unit in self.units for m in unit.modules] if phase == "B" else []
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":  # testing a checkpoint needs no freezing (and no phase log line)
             super().setup(trainer, pl_module, stage)
@@ -57,8 +62,7 @@ class PhasedFinetuning(BaseFinetuning):
 
     def _apply(self, phase: str, pl_module, epoch: int) -> None:
         self.freeze(pl_module.backbone, train_bn=False)
-        if phase == "B":
-            self.make_trainable([m for unit in self.units for m in unit.modules])
+        self.make_trainable(self.trainable_at(epoch)[1])
         pl_module.train(pl_module.training)  # puts frozen BatchNorm back in eval mode
         self._phase = phase
         names = ", ".join(u.name for u in self.units) if phase == "B" else "none (head only)"

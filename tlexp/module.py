@@ -54,6 +54,10 @@ class TransferModule(pl.LightningModule):
         self.test_confmat = MulticlassConfusionMatrix(num_classes)
         self.test_results: dict = {}
         self.memory_format = torch.contiguous_format  # perf.channels_last sets torch.channels_last
+        # phase -> graph from the frozen-prefix cache's values to pooled features (tlexp.prefix_features).
+        # A plain dict, outside the module tree: it shares the backbone's modules, and the checkpoint
+        # keys stay the backbone's.
+        self.cached_suffixes: dict[str, nn.Module] = {}
 
     def train(self, mode: bool = True):
         """Frozen BatchNorm stays in eval mode (running statistics untouched), as Keras does."""
@@ -64,8 +68,14 @@ class TransferModule(pl.LightningModule):
                     m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x.contiguous(memory_format=self.memory_format)))
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def forward(self, x: torch.Tensor | dict) -> torch.Tensor:
+        """Images, or a batch of cached frozen-prefix values ``{"phase": [...], "inputs": [...]}``."""
+        if isinstance(x, dict):
+            return self.head(self.cached_suffixes[x["phase"][0]](*map(self._layout, x["inputs"])))
+        return self.head(self.backbone(self._layout(x)))
 
     def _step(self, batch, stage: str, accuracy) -> torch.Tensor:
         x, y = batch

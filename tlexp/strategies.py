@@ -106,14 +106,18 @@ def blocks(backbone: Backbone) -> list[Unit]:
 
 
 class _Tracer(fx.Tracer):
-    """FX tracer that keeps timm's untraceable modules (e.g. 'same' padding) as leaves."""
+    """FX tracer that keeps timm's untraceable modules (e.g. 'same' padding) as leaves.
+
+    Stochastic depth is a leaf too: traced through, its ``if self.training`` would be frozen into
+    the graph, and a graph reused for training and evaluation must leave that choice to run time.
+    """
 
     def __init__(self, source: str):
-        leaves, functions = (), ()
+        leaves, functions = (torchvision.ops.StochasticDepth,), ()
         if source == "timm":
-            from timm.layers import get_notrace_functions, get_notrace_modules
+            from timm.layers import DropPath, get_notrace_functions, get_notrace_modules
 
-            leaves, functions = tuple(get_notrace_modules()), tuple(get_notrace_functions())
+            leaves, functions = (*leaves, DropPath, *get_notrace_modules()), tuple(get_notrace_functions())
         super().__init__(autowrap_functions=functions)
         self._leaf_types = leaves
 
@@ -129,15 +133,25 @@ def _spatial(node: fx.Node) -> bool:
     return (shape[1] if len(shape) == 3 else math.prod(shape[2:])) > 1
 
 
+def trace(backbone: Backbone) -> fx.Graph:
+    """The body's graph, traced in eval mode (leaves decide train/eval behaviour at run time)."""
+    body = backbone.body
+    was_training = body.training
+    try:
+        return _Tracer(backbone.source).trace(body.eval())
+    finally:
+        body.train(was_training)
+
+
 def layers(backbone: Backbone) -> list[Unit]:
     """The body's traced ops in execution order, up to the last op before global pooling."""
     body = backbone.body
-    was_training = body.training
-    graph = _Tracer(backbone.source).trace(body.eval())
+    graph = trace(backbone)
     module = fx.GraphModule(body, graph)
     size = backbone.preprocessing.crop_size
+    was_training = body.training
     with torch.no_grad():
-        ShapeProp(module).propagate(torch.zeros(1, 3, size, size))
+        ShapeProp(module.eval()).propagate(torch.zeros(1, 3, size, size))
     body.train(was_training)
     ops = [n for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")]
     last_spatial = max(i for i, n in enumerate(ops) if _spatial(n))

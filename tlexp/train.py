@@ -23,10 +23,12 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tlexp.config_checks import check_config
 from tlexp.data import ImageDataModule
 from tlexp.errors import TlexpError
+from tlexp.feature_cache import FeatureStore
 from tlexp.finetune import PhasedFinetuning, phase_b_params
 from tlexp.history import EpochHistory
 from tlexp.module import TransferModule
 from tlexp.perf import resolve_precision, tune_glibc_malloc
+from tlexp.prefix_features import PrefixFeatures
 from tlexp.profiling import gflops_per_image, inference_speed
 from tlexp.reseed import ReseedEachEpoch
 from tlexp.strategies import modules_to_unfreeze, parse_strategy
@@ -95,13 +97,20 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     units = modules_to_unfreeze(module.backbone_spec, strategy)
 
     history = EpochHistory()
+    finetuning = PhasedFinetuning(units, cfg.finetune.phase_a_epochs)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks += [PhasedFinetuning(units, cfg.finetune.phase_a_epochs), history, ReseedEachEpoch(cfg.seed)]
+    callbacks += [finetuning, history, ReseedEachEpoch(cfg.seed)]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar())
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
+    if cfg.perf.feature_cache:
+        store = FeatureStore(cfg.perf.cache_dir, int(cfg.perf.cache_budget_gb * 1e9), cfg.data.batch_size, cfg.data.num_workers)
+        datamodule.feature_source = PrefixFeatures(
+            module, datamodule, store, finetuning.trainable_at, cfg.data.augment.cached_views, cfg.seed
+        )
+        trainer_args["reload_dataloaders_every_n_epochs"] = 1  # each epoch asks for its phase's cached view
     trainer = pl.Trainer(
         max_epochs=total_epochs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks, **trainer_args
     )
@@ -128,6 +137,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         "strategy": strategy.name,
         "seed": cfg.seed,
         "perf": cfg.perf.name,
+        "feature_cache": {"enabled": cfg.perf.feature_cache, "cached_views": cfg.data.augment.cached_views},
         "precision": trainer_args["precision"],
         "num_classes": len(datamodule.class_names),
         "class_names": datamodule.class_names,

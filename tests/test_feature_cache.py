@@ -1,0 +1,140 @@
+"""Frozen-prefix cache: the split computes what the model computes, entries are keyed and reused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from tests.conftest import read_metrics, train
+from tlexp.backbones import build_backbone
+from tlexp.data import ImageDataModule
+from tlexp.feature_cache import FeatureStore
+from tlexp.module import TransferModule
+from tlexp.prefix_split import NotSplittable, split_frozen_prefix
+from tlexp.strategies import modules_to_unfreeze, parse_strategy
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "strategy", "cuts"),
+    [
+        ("torchvision", "resnet18", "frozen", 1),
+        ("torchvision", "resnet18", "blocks_2", 1),
+        ("torchvision", "resnet18", "layers_5", 2),  # inside a residual block: main path and identity
+        ("torchvision", "mobilenet_v2", "layers_10", 1),
+        ("timm", "tf_efficientnet_lite0", "blocks_4", 1),
+    ],
+)
+def test_prefix_then_suffix_equals_the_backbone(source, name, strategy, cuts):
+    torch.manual_seed(0)
+    backbone = build_backbone(source, name, None)
+    trainable = [m for u in modules_to_unfreeze(backbone, parse_strategy(strategy)) for m in u.modules]
+    split = split_frozen_prefix(backbone, trainable)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = backbone.body.eval()(x)
+        values = split.prefix(x)
+        assert len(values) == len(split.cut) == cuts
+        assert torch.allclose(split.suffix(*values), expected, atol=1e-5)
+    learning = {id(p) for m in trainable for p in m.parameters()}
+    suffix_params = {id(p) for p in split.suffix.parameters()}
+    assert learning <= suffix_params  # the suffix trains the backbone's own parameters
+    assert suffix_params <= {id(p) for p in backbone.body.parameters()}
+    assert not learning & {id(p) for p in split.prefix.parameters()}
+
+
+def test_full_strategy_has_no_frozen_prefix():
+    backbone = build_backbone("torchvision", "resnet18", None)
+    with pytest.raises(NotSplittable, match="nothing is frozen"):
+        split_frozen_prefix(backbone, [backbone.body])
+
+
+class _Images(Dataset):
+    def __init__(self, n: int, scale: float = 1.0):
+        self.x = torch.randn(n, 3, 8, 8) * scale
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], 0
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return (x.mean(dim=(2, 3)), x[:, :1])
+
+
+def test_store_reuses_an_entry_only_for_the_same_key(tmp_path):
+    images, prefix = _Images(10), _Counting()
+    store = FeatureStore(tmp_path, budget_bytes=10**9, batch_size=4, num_workers=0)
+    first = store.get({"k": 1}, prefix, images, "test")
+    assert prefix.calls == 3 and [t.dtype for t in first] == [torch.float16, torch.float16]
+    assert torch.allclose(first[0].float(), images.x.mean(dim=(2, 3)), atol=1e-3)
+    assert store.get({"k": 1}, prefix, images, "test") is first and prefix.calls == 3
+    fresh = FeatureStore(tmp_path, budget_bytes=0, batch_size=4, num_workers=0)  # from disk, memory-mapped
+    assert torch.equal(fresh.get({"k": 1}, prefix, images, "test")[1], first[1]) and prefix.calls == 3
+    store.get({"k": 2}, prefix, images, "test")
+    assert prefix.calls == 6
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_values_beyond_float16_are_stored_in_float32(tmp_path):
+    store = FeatureStore(tmp_path, budget_bytes=10**9, batch_size=4, num_workers=0)
+    huge = _Images(6, scale=1e6)
+    values = store.get({"k": "huge"}, _Counting(), huge, "test")
+    assert values[0].dtype == torch.float32 and torch.isfinite(values[0]).all()
+    meta = json.loads(next(tmp_path.glob("*/meta.json")).read_text())
+    assert meta["dtypes"] == ["float32", "float32"]
+
+
+def _full_model_val_loss(run_dir):
+    """Validation loss of last.ckpt's weights through the whole model on decoded images."""
+    module = TransferModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    module.eval()
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    data = ImageDataModule(cfg.data, seed=cfg.seed)
+    data.setup()
+    data.preprocessing = module.backbone_spec.preprocessing.at_size(cfg.data.image_size)
+    losses, sizes = [], []
+    with torch.no_grad():
+        for x, y in data.val_dataloader():
+            losses.append(module.criterion(module(x), y) * len(y))
+            sizes.append(len(y))
+    return float(sum(losses) / sum(sizes))
+
+
+@pytest.mark.parametrize("strategy", ["blocks_2", "layers_5"])
+def test_cached_training_reports_what_the_model_computes(tmp_path, tiny_tree, data_cache_dir, strategy):
+    """The last epoch's val loss, computed on cached prefix values, is the full model's on images."""
+    run = tmp_path / "run"
+    train(run, tiny_tree, "model=resnet18", f"strategy={strategy}", "finetune.phase_b_epochs=2")
+    log = (run / "train.log").read_text()
+    assert "phase A: frozen prefix cached up to" in log and "phase B: frozen prefix cached up to" in log
+    last = read_metrics(run)["history"][-1]
+    assert last["val_loss"] == pytest.approx(_full_model_val_loss(run), rel=2e-3)
+
+
+def test_rows_that_share_a_prefix_share_its_entries(tmp_path, tiny_tree, data_cache_dir):
+    """Phase A of a second strategy finds every entry the first computed: no image is decoded again."""
+    train(tmp_path / "a", tiny_tree, "model=resnet18", "strategy=frozen", "finetune.phase_a_epochs=2")
+    train(tmp_path / "b", tiny_tree, "model=resnet18", "strategy=blocks_2", "finetune.phase_a_epochs=2")
+    second = (tmp_path / "b" / "train.log").read_text()
+    assert "feature cache: phase A" not in second
+    assert "feature cache: phase B train view 3/4" in second
+
+
+def test_naive_perf_trains_on_images(tmp_path, tiny_tree):
+    run = tmp_path / "run"
+    train(run, tiny_tree, "model=resnet18", "perf=naive")
+    assert "frozen prefix cached" not in (run / "train.log").read_text()
+    assert read_metrics(run)["feature_cache"] == {"enabled": False, "cached_views": 4}
