@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train tensorboard lint clean
+.PHONY: install test test-fast train bench tensorboard lint clean
 
 # torch/torchvision are pinned to the releases this machine's pip serves from local disk.
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,10 @@ test-fast: install
 
 train: install
 	$(VENV)/bin/tlexp-train $(ARGS)
+
+# perf=naive vs perf=fast on ../shared/data/flower_photos -> docs/bench.md + docs/bench.json (long: see the file).
+bench: install
+	$(PY) -m tlexp.bench $(ARGS)
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir outputs --bind_all

@@ -74,14 +74,22 @@ class _Counting(nn.Module):
         return (x.mean(dim=(2, 3)), x[:, :1])
 
 
+def test_store_keeps_integer_values_as_they_are(tmp_path):
+    store = FeatureStore(tmp_path, budget_bytes=10**9, batch_size=4)
+    pixels = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    images = [(p, 0) for p in pixels]
+    (stored,) = store.get({"k": "pixels"}, lambda x: (x,), images, "test")
+    assert stored.dtype == torch.uint8 and torch.equal(stored, pixels)
+
+
 def test_store_reuses_an_entry_only_for_the_same_key(tmp_path):
     images, prefix = _Images(10), _Counting()
-    store = FeatureStore(tmp_path, budget_bytes=10**9, batch_size=4, num_workers=0)
+    store = FeatureStore(tmp_path, budget_bytes=10**9, batch_size=4)
     first = store.get({"k": 1}, prefix, images, "test")
     assert prefix.calls == 3 and [t.dtype for t in first] == [torch.float16, torch.float16]
     assert torch.allclose(first[0].float(), images.x.mean(dim=(2, 3)), atol=1e-3)
     assert store.get({"k": 1}, prefix, images, "test") is first and prefix.calls == 3
-    fresh = FeatureStore(tmp_path, budget_bytes=0, batch_size=4, num_workers=0)  # from disk, memory-mapped
+    fresh = FeatureStore(tmp_path, budget_bytes=0, batch_size=4)  # from disk, memory-mapped
     assert torch.equal(fresh.get({"k": 1}, prefix, images, "test")[1], first[1]) and prefix.calls == 3
     store.get({"k": 2}, prefix, images, "test")
     assert prefix.calls == 6
@@ -89,7 +97,7 @@ def test_store_reuses_an_entry_only_for_the_same_key(tmp_path):
 
 
 def test_values_beyond_float16_are_stored_in_float32(tmp_path):
-    store = FeatureStore(tmp_path, budget_bytes=10**9, batch_size=4, num_workers=0)
+    store = FeatureStore(tmp_path, budget_bytes=10**9, batch_size=4)
     huge = _Images(6, scale=1e6)
     values = store.get({"k": "huge"}, _Counting(), huge, "test")
     assert values[0].dtype == torch.float32 and torch.isfinite(values[0]).all()
@@ -126,10 +134,12 @@ def test_cached_training_reports_what_the_model_computes(tmp_path, tiny_tree, da
 
 def test_rows_that_share_a_prefix_share_its_entries(tmp_path, tiny_tree, data_cache_dir):
     """Phase A of a second strategy finds every entry the first computed: no image is decoded again."""
-    train(tmp_path / "a", tiny_tree, "model=resnet18", "strategy=frozen", "finetune.phase_a_epochs=2")
-    train(tmp_path / "b", tiny_tree, "model=resnet18", "strategy=blocks_2", "finetune.phase_a_epochs=2")
+    views = ("data.augment.cached_views.phase_a=4", "finetune.phase_a_epochs=2")
+    train(tmp_path / "a", tiny_tree, "model=resnet18", "strategy=frozen", *views)
+    train(tmp_path / "b", tiny_tree, "model=resnet18", "strategy=blocks_2", *views)
     second = (tmp_path / "b" / "train.log").read_text()
-    assert "feature cache: phase A" not in second
+    assert "feature cache: phase A" not in second and "feature cache: decoded" not in second.split("phase B")[0]
+    assert "feature cache: decoded train images, view 3/4" in second
     assert "feature cache: phase B train view 3/4" in second
 
 
@@ -137,4 +147,4 @@ def test_naive_perf_trains_on_images(tmp_path, tiny_tree):
     run = tmp_path / "run"
     train(run, tiny_tree, "model=resnet18", "perf=naive")
     assert "frozen prefix cached" not in (run / "train.log").read_text()
-    assert read_metrics(run)["feature_cache"] == {"enabled": False, "cached_views": 4}
+    assert read_metrics(run)["feature_cache"] == {"enabled": False, "phase_a": 0, "phase_b": 4}

@@ -21,7 +21,8 @@ def check_config(cfg) -> None:
     need(cfg.data.image_size is None or cfg.data.image_size >= 16, f"data.image_size must be null or >= 16, got {cfg.data.image_size}")
     need(cfg.data.limit_per_class is None or cfg.data.limit_per_class >= 1, f"data.limit_per_class must be null or >= 1, got {cfg.data.limit_per_class}")
     need(0 <= cfg.model.head.dropout < 1, f"model.head.dropout must be in [0, 1), got {cfg.model.head.dropout}")
-    need(cfg.data.augment.cached_views >= 0, f"data.augment.cached_views must be >= 0, got {cfg.data.augment.cached_views}")
+    for phase, views in cfg.data.augment.cached_views.items():
+        need(views >= 0, f"data.augment.cached_views.{phase} must be >= 0, got {views}")
     need(cfg.perf.cache_budget_gb >= 0, f"perf.cache_budget_gb must be >= 0, got {cfg.perf.cache_budget_gb}")
     if problems:
         raise TlexpError("; ".join(problems))

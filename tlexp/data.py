@@ -15,7 +15,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tlexp import splits
 from tlexp.download import download_and_extract
 from tlexp.errors import TlexpError
-from tlexp.preprocessing import Preprocessing, eval_transform, train_transform
+from tlexp.preprocessing import (
+    Preprocessing,
+    eval_geometry,
+    eval_transform,
+    train_geometry,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +127,12 @@ class ImageDataModule(pl.LightningDataModule):
         counts = Counter(s.label for s in self.split["train"])
         return [counts[i] for i in range(len(self.class_names))]
 
-    def image_dataset(self, subset: str, train: bool) -> ImageListDataset:
-        transform = train_transform(self.preprocessing, self.cfg.augment) if train else eval_transform(self.preprocessing)
+    def image_dataset(self, subset: str, train: bool, pixels: bool = False) -> ImageListDataset:
+        """Model inputs, or with ``pixels`` the cropped uint8 images before normalization."""
+        if pixels:
+            transform = train_geometry(self.preprocessing, self.cfg.augment) if train else eval_geometry(self.preprocessing)
+        else:
+            transform = train_transform(self.preprocessing, self.cfg.augment) if train else eval_transform(self.preprocessing)
         return ImageListDataset(self.split[subset], transform)
 
     def _loader(self, subset: str, train: bool) -> DataLoader:

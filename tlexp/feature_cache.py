@@ -1,9 +1,10 @@
-"""Frozen-prefix cache: compute what the frozen part of the network outputs once, train on it every epoch.
+"""A store of per-image tensors computed once: decoded image views, and frozen-prefix outputs.
 
-Entries are keyed by a digest of everything the values depend on (the prefix's code and weights, the
-images, the transform and, for augmented views, the seed), so a stale entry is never read and rows
-of a sweep that share a prefix (every row's phase A) share its entries. They are written to disk
-(atomically, so parallel jobs and killed runs leave no half entry) and kept in RAM up to a budget.
+Entries are keyed by a digest of everything the values depend on (for prefix outputs: the prefix's
+code and weights, the images, the transform and, for augmented views, the seed), so a stale entry is
+never read, and rows of a sweep that share a prefix (every row's phase A) or a view share its entry.
+They are written to disk (atomically, so parallel jobs and killed runs leave no half entry) and kept
+in RAM up to a budget. Float values are stored as float16 unless one would overflow it.
 """
 
 from __future__ import annotations
@@ -16,60 +17,37 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
 
-FP16_MAX = float(torch.finfo(torch.float16).max)
 
-
-def tensor_digest(module: nn.Module) -> str:
-    """sha256 of every parameter and buffer: the weights the cached values were computed with."""
-    digest = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class eval_mode:
-    """Run shared modules in eval mode and give every one its own mode back afterwards."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-
-    def __exit__(self, *exc):
-        for m, mode in self.modes:
-            m.training = mode
+Compute = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 class FeatureStore:
-    """Prefix outputs on disk under ``root``; the most recently used ones in RAM up to ``budget_bytes``."""
+    """Per-image tensors on disk under ``root``; the most recently used entries in RAM up to ``budget_bytes``."""
 
-    def __init__(self, root: Path, budget_bytes: int, batch_size: int, num_workers: int):
+    def __init__(self, root: Path, budget_bytes: int, batch_size: int):
         self.root = Path(root)
         self.budget = budget_bytes
         self.batch_size = batch_size
-        self.num_workers = num_workers
         self.resident: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
 
-    def get(self, key: dict, prefix: nn.Module, images: Dataset, label: str) -> list[torch.Tensor]:
+    def get(self, key: dict, compute: Compute, images: Dataset, label: str, num_workers: int = 0) -> list[torch.Tensor]:
+        """The entry for ``key``; built from ``compute`` over ``images`` (batches of ``(x, label)``) if missing."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         if digest in self.resident:
             self.resident.move_to_end(digest)
             return self.resident[digest]
         entry = self.root / digest
         if not (entry / "meta.json").exists():
-            self._build(entry, key, prefix, images, label)
+            self._build(entry, key, compute, DataLoader(images, batch_size=self.batch_size, num_workers=num_workers), label)
         meta = json.loads((entry / "meta.json").read_text())
         return self._load(digest, entry, meta)
 
@@ -84,16 +62,16 @@ class FeatureStore:
         self.resident[digest] = tensors
         return tensors
 
-    def _build(self, entry: Path, key: dict, prefix: nn.Module, images: Dataset, label: str) -> None:
+    def _build(self, entry: Path, key: dict, compute: Compute, images: DataLoader, label: str) -> None:
         start = time.perf_counter()
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=self.root))
         try:
-            shapes, dtypes = self._compute(staging, prefix, images, torch.float16)
-            if shapes is None:  # a value beyond float16's range: keep float32
-                shapes, dtypes = self._compute(staging, prefix, images, torch.float32)
+            shapes, dtypes = self._compute(staging, compute, images, torch.float16)
+            if shapes is None:
+                shapes, dtypes = self._compute(staging, compute, images, torch.float32)
             size = sum((staging / f"cut{i}.npy").stat().st_size for i in range(len(shapes)))
-            meta = {"key": key, "shapes": shapes, "dtypes": dtypes, "bytes": size, "images": len(images)}
+            meta = {"key": key, "shapes": shapes, "dtypes": dtypes, "bytes": size, "images": len(images.dataset)}
             (staging / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 os.rename(staging, entry)
@@ -103,28 +81,27 @@ class FeatureStore:
             shutil.rmtree(staging, ignore_errors=True)
         seconds = time.perf_counter() - start
         log.info(
-            "feature cache: %s, %d images in %.1f s (%.0f images/s), %s", label, len(images), seconds,
-            len(images) / max(seconds, 1e-9), entry,
+            "feature cache: %s, %d images in %.1f s (%.0f images/s), %s", label, len(images.dataset), seconds,
+            len(images.dataset) / max(seconds, 1e-9), entry,
         )
 
-    def _compute(self, staging: Path, prefix: nn.Module, images: Dataset, dtype: torch.dtype):
-        loader = DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers)
+    def _compute(self, staging: Path, compute: Compute, images: DataLoader, float_dtype: torch.dtype):
         arrays, offset = None, 0
-        with eval_mode(prefix), torch.inference_mode():
-            for x, _ in loader:
-                cuts = prefix(x)
+        with torch.inference_mode():
+            for x, _ in images:
+                raw = compute(x)
+                values = [v.to(float_dtype) if v.is_floating_point() else v for v in raw]
+                if any((v.isinf() & ~r.isinf()).any() for v, r in zip(values, raw) if v.is_floating_point()):
+                    return None, None  # beyond float16's range
                 if arrays is None:
                     arrays = [
                         np.lib.format.open_memmap(
-                            staging / f"cut{i}.npy", mode="w+", dtype=torch.empty(0, dtype=dtype).numpy().dtype,
-                            shape=(len(images), *c.shape[1:]),
+                            staging / f"cut{i}.npy", mode="w+", dtype=v.numpy().dtype, shape=(len(images.dataset), *v.shape[1:])
                         )
-                        for i, c in enumerate(cuts)
+                        for i, v in enumerate(values)
                     ]
-                for array, value in zip(arrays, cuts):
-                    if dtype == torch.float16 and value.abs().max() > FP16_MAX:
-                        return None, None
-                    array[offset : offset + len(x)] = value.to(dtype).contiguous().numpy()
+                for array, value in zip(arrays, values):
+                    array[offset : offset + len(x)] = value.contiguous().numpy()
                 offset += len(x)
         for array in arrays:
             array.flush()

@@ -1,4 +1,8 @@
-"""Per-epoch metrics and wall time, kept in the checkpoint so a resumed run's record is whole."""
+"""Per-epoch metrics and wall time, kept in the checkpoint so a resumed run's record is whole.
+
+An epoch's ``seconds`` run from the previous epoch's end (or the start of fitting), so they include
+what Lightning does between epochs: building that epoch's data loaders and feature-cache entries.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,11 @@ class EpochHistory(Callback):
     def __init__(self):
         self.epochs: list[dict] = []
         self.wall_time_s = 0.0
-        self._since = time.perf_counter()
+        self._since = self._epoch_since = time.perf_counter()
         self._lrs: dict = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._epoch_since = time.perf_counter()
 
     def _tick(self) -> None:
         now = time.perf_counter()
@@ -31,6 +38,8 @@ class EpochHistory(Callback):
         row.update({k.replace("/", "_"): float(metrics[k]) for k in KEYS if k in metrics})
         row.update(self._lrs)
         row["phase_b"] = bool(metrics.get("finetune/phase_b", 0.0) > 0.5)
+        now = time.perf_counter()
+        row["seconds"], self._epoch_since = now - self._epoch_since, now
         self.epochs = [e for e in self.epochs if e["epoch"] < row["epoch"]] + [row]
         self._tick()
 

@@ -2,9 +2,14 @@
 
 Phase A (and ``frozen``) caches the pooled features; phase B caches the values in front of the first
 module it trains. Random augmentation and caching conflict, so training uses
-``data.augment.cached_views`` fixed augmented views per image (view ``epoch % views`` in each
-epoch; 0 means the un-augmented evaluation view). The model itself is unchanged: the cached values
-are exactly what its frozen part computes (in eval mode), stored in float16 unless that would overflow.
+``data.augment.cached_views.phase_a|phase_b`` fixed augmented views per image (view ``epoch % views``
+in each epoch; 0 means the un-augmented evaluation view). Two levels, both in the same store:
+
+- decoded views: each view's cropped uint8 pixels, decoded once and shared by every model with the
+  same preprocessing (every row of a sweep);
+- prefix outputs: what the frozen part computes from them (in eval mode), per phase.
+
+The model is unchanged: the suffix a phase trains is the backbone's own modules.
 """
 
 from __future__ import annotations
@@ -14,12 +19,38 @@ import logging
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
-from tlexp.feature_cache import FeatureStore, tensor_digest
+from tlexp.feature_cache import FeatureStore
 from tlexp.prefix_split import NotSplittable, PrefixSplit, split_frozen_prefix
+from tlexp.preprocessing import to_model_input
 
 log = logging.getLogger(__name__)
+
+
+def tensor_digest(module: nn.Module) -> str:
+    """sha256 of every parameter and buffer: the weights the cached values were computed with."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class eval_mode:
+    """Run modules shared with the model in eval mode, then give every one its own mode back."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode
 
 
 class CachedPrefixDataset(Dataset):
@@ -52,6 +83,18 @@ class ViewDataset(Dataset):
         return self.images[(index, (self.base + index) % (2**63))]
 
 
+class _Pixels(Dataset):
+    def __init__(self, pixels: torch.Tensor, transform):
+        self.pixels = pixels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.pixels[index]), 0
+
+
 class PrefixFeatures:
     """``(subset, epoch) -> dataset`` for the datamodule; None where a phase has no frozen prefix.
 
@@ -59,13 +102,16 @@ class PrefixFeatures:
     each phase's suffix in ``cached_suffixes`` so that its forward can start where the cache ends.
     """
 
-    def __init__(self, module, datamodule, store: FeatureStore, trainable_at: Callable, views: int, seed: int):
+    def __init__(
+        self, module, datamodule, store: FeatureStore, trainable_at: Callable, views: dict[str, int], seed: int, num_workers: int
+    ):
         self.module = module
         self.datamodule = datamodule
         self.store = store
         self.trainable_at = trainable_at
-        self.views = views
+        self.views = views  # phase ("A"/"B") -> number of augmented views
         self.seed = seed
+        self.num_workers = num_workers
         self.splits: dict[str, tuple[PrefixSplit, str] | None] = {}
 
     def _split(self, phase: str, trainable) -> tuple[PrefixSplit, str] | None:
@@ -80,29 +126,36 @@ class PrefixFeatures:
                 log.info("phase %s trains on images: %s", phase, exc)
         return self.splits[phase]
 
+    def _pixels(self, subset: str, view: int | None, views: int) -> tuple[torch.Tensor, dict]:
+        """The decoded, cropped uint8 images of ``subset`` (one augmented view, or the eval view)."""
+        images = self.datamodule.image_dataset(subset, train=view is not None, pixels=True)
+        key = {
+            "images": _samples_digest(self.datamodule.split[subset]),
+            "transform": repr(images.transform),
+            "view": None if view is None else [self.seed, view],
+        }
+        if view is not None:
+            images = ViewDataset(images, self.seed, view)
+        label = f"{subset} images" + ("" if view is None else f", view {view + 1}/{views}")
+        (pixels,) = self.store.get(key, lambda x: (x,), images, f"decoded {label}", self.num_workers)
+        return pixels, key
+
     def __call__(self, subset: str, epoch: int) -> Dataset | None:
         phase, trainable = self.trainable_at(epoch)
         found = self._split(phase, trainable)
         if found is None:
             return None
         split, weights = found
-        augmented = subset == "train" and self.views > 0
-        view = epoch % self.views if augmented else None
-        images = self.datamodule.image_dataset(subset, train=augmented)
-        if augmented:
-            images = ViewDataset(images, self.seed, view)
-        samples = self.datamodule.split[subset]
-        key = {
-            "prefix": hashlib.sha256(split.prefix.code.encode()).hexdigest(),
-            "weights": weights,
-            "images": _samples_digest(samples),
-            "transform": repr(images.images.transform if augmented else images.transform),
-            "view": [self.seed, view] if augmented else None,
-            "torch": torch.__version__,
-        }
-        label = f"phase {phase} {subset}" + (f" view {view + 1}/{self.views}" if augmented else "")
-        tensors = self.store.get(key, split.prefix, images, label)
-        return CachedPrefixDataset(phase, tensors, [s.label for s in samples])
+        views = self.views[phase]
+        view = epoch % views if subset == "train" and views > 0 else None
+        pixels, pixels_key = self._pixels(subset, view, views)
+        key = {"prefix": hashlib.sha256(split.prefix.code.encode()).hexdigest(), "weights": weights, "pixels": pixels_key}
+        inputs = _Pixels(pixels, to_model_input(self.datamodule.preprocessing))
+        label = f"phase {phase} {subset}" + ("" if view is None else f" view {view + 1}/{views}")
+        layout = self.module.memory_format
+        with eval_mode(split.prefix):
+            tensors = self.store.get(key, lambda x: split.prefix(x.contiguous(memory_format=layout)), inputs, label)
+        return CachedPrefixDataset(phase, tensors, [s.label for s in self.datamodule.split[subset]])
 
 
 def _samples_digest(samples) -> str:

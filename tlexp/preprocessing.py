@@ -57,20 +57,20 @@ def from_timm_config(pretrained_cfg: dict) -> Preprocessing:
     )
 
 
-def _to_normalized_tensor(pre: Preprocessing) -> list:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+def to_model_input(pre: Preprocessing) -> T.Compose:
+    """uint8 image tensor -> normalized float tensor (cheap; the decoded-view cache stores its input)."""
+    return T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)])
 
 
-def eval_transform(pre: Preprocessing) -> T.Compose:
+def eval_geometry(pre: Preprocessing) -> T.Compose:
     interp = InterpolationMode(pre.interpolation)
     return T.Compose(
-        [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.crop_size)]
-        + _to_normalized_tensor(pre)
+        [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.crop_size), T.ToImage()]
     )
 
 
-def train_transform(pre: Preprocessing, augment) -> T.Compose:
-    """Random-resized crop, flip, rotation and shear as ``data.augment`` asks."""
+def train_geometry(pre: Preprocessing, augment) -> T.Compose:
+    """Random-resized crop, flip, rotation and shear as ``data.augment`` asks, to a uint8 tensor."""
     interp = InterpolationMode(pre.interpolation)
     steps: list = [
         T.RandomResizedCrop(pre.crop_size, scale=tuple(augment.crop_scale), interpolation=interp, antialias=True)
@@ -79,4 +79,12 @@ def train_transform(pre: Preprocessing, augment) -> T.Compose:
         steps.append(T.RandomHorizontalFlip())
     if augment.rotation or augment.shear:
         steps.append(T.RandomAffine(degrees=augment.rotation, shear=augment.shear or None, interpolation=interp))
-    return T.Compose(steps + _to_normalized_tensor(pre))
+    return T.Compose([*steps, T.ToImage()])
+
+
+def eval_transform(pre: Preprocessing) -> T.Compose:
+    return T.Compose([eval_geometry(pre), to_model_input(pre)])
+
+
+def train_transform(pre: Preprocessing, augment) -> T.Compose:
+    return T.Compose([train_geometry(pre, augment), to_model_input(pre)])

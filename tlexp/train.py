@@ -106,9 +106,10 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
     if cfg.perf.feature_cache:
-        store = FeatureStore(cfg.perf.cache_dir, int(cfg.perf.cache_budget_gb * 1e9), cfg.data.batch_size, cfg.data.num_workers)
+        views = {"A": cfg.data.augment.cached_views.phase_a, "B": cfg.data.augment.cached_views.phase_b}
+        store = FeatureStore(cfg.perf.cache_dir, int(cfg.perf.cache_budget_gb * 1e9), cfg.data.batch_size)
         datamodule.feature_source = PrefixFeatures(
-            module, datamodule, store, finetuning.trainable_at, cfg.data.augment.cached_views, cfg.seed
+            module, datamodule, store, finetuning.trainable_at, views, cfg.seed, cfg.data.num_workers
         )
         trainer_args["reload_dataloaders_every_n_epochs"] = 1  # each epoch asks for its phase's cached view
     trainer = pl.Trainer(
@@ -137,7 +138,9 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         "strategy": strategy.name,
         "seed": cfg.seed,
         "perf": cfg.perf.name,
-        "feature_cache": {"enabled": cfg.perf.feature_cache, "cached_views": cfg.data.augment.cached_views},
+        "feature_cache": {
+            "enabled": cfg.perf.feature_cache, **OmegaConf.to_container(cfg.data.augment.cached_views)
+        },
         "precision": trainer_args["precision"],
         "num_classes": len(datamodule.class_names),
         "class_names": datamodule.class_names,

@@ -1,0 +1,159 @@
+"""``make bench``: perf=naive and perf=fast side by side on real images, written to docs/bench.md + JSON.
+
+Each case trains twice, naive then fast, in its own process (peak memory is that process's) with its
+own empty feature cache, so the fast figure includes building the cache. Only ratios taken in one
+run mean anything on a shared machine; the file records the machine and library versions beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning
+import torch
+import torchvision
+
+from tlexp.perf import cpu_has_native_bf16
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    title: str
+    overrides: tuple[str, ...]
+
+
+CASES = {
+    c.name: c
+    for c in (
+        Case("resnet50_frozen", "ResNet-50 (random init: no offline weights), strategy=frozen, 5 epochs",
+             ("model=resnet50", "model.weights=null", "strategy=frozen", "finetune.phase_a_epochs=5")),
+        Case("resnet50_blocks_2", "ResNet-50 (random init), strategy=blocks_2, 1 + 2 epochs",
+             ("model=resnet50", "model.weights=null", "strategy=blocks_2", "finetune.phase_a_epochs=1", "finetune.phase_b_epochs=2")),
+        Case("lite0_frozen", "EfficientNet-Lite0 (ImageNet weights), strategy=frozen, 5 epochs",
+             ("model=efficientnet_lite0", "strategy=frozen", "finetune.phase_a_epochs=5")),
+    )
+}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), None)
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "native_bf16": cpu_has_native_bf16(),
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "pytorch_lightning": pytorch_lightning.__version__, "platform": platform.platform(),
+    }
+
+
+def run_case(case: Case, perf: str, out: Path, root: str, extra: list[str]) -> dict:
+    run_dir = out / "runs" / f"{case.name}_{perf}"
+    env = {**os.environ, "TLEXP_DATA_DIR": str(out / "cache" / f"{case.name}_{perf}")}
+    args = [sys.executable, "-m", "tlexp.train", *case.overrides, f"perf={perf}", f"data.root={root}",
+            f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra]
+    start = time.perf_counter()
+    with open(out / f"{case.name}_{perf}.log", "w") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"bench: {case.name} perf={perf} failed; see {out / f'{case.name}_{perf}.log'}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = metrics["history"]
+    phase_b = [e["seconds"] for e in history if e["phase_b"]]
+    return {
+        "wall_s": wall,
+        "fit_and_test_s": metrics["wall_time_s"],
+        "phase_a_s": sum(e["seconds"] for e in history if not e["phase_b"]),
+        "phase_b_s": sum(phase_b),
+        "phase_b_epoch_s": statistics.mean(phase_b) if phase_b else None,
+        "train_images_per_s": metrics["images"]["train"] * len(history) / sum(e["seconds"] for e in history),
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "test_acc": metrics["test_acc"],
+        "ms_per_image": metrics.get("ms_per_image"),
+        "precision": metrics["precision"],
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def write_report(report: Path, results: dict, info: dict, command: str) -> None:
+    (report / "bench.json").write_text(json.dumps({"machine": info, "command": command, "cases": results}, indent=2))
+    lines = [
+        "# perf=naive vs perf=fast",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} with `{command}`.",
+        "",
+        (
+            f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_mib']:,} MiB; native bf16: {info['native_bf16']}; "
+            f"Python {info['python']}, torch {info['torch']}, torchvision {info['torchvision']}, Lightning {info['pytorch_lightning']}."
+        ),
+        "",
+        "| case | perf | wall (s) | phase A (s) | phase B epoch (s) | train images/s | peak RSS (MiB) | test acc | ms/image (batch 1) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, by_perf in results.items():
+        for perf, r in by_perf.items():
+            if perf == "ratio":
+                continue
+            lines.append(
+                f"| {name} | {perf} | {r['wall_s']:.0f} | {r['phase_a_s']:.0f} | {_fmt(r['phase_b_epoch_s'], '.1f')} | "
+                f"{r['train_images_per_s']:.1f} | {r['peak_rss_mib']:,.0f} | {r['test_acc']:.4f} | {_fmt(r['ms_per_image'], '.1f')} |"
+            )
+    lines += ["", "| case | naive / fast, wall | naive / fast, phase B epoch | test acc, fast − naive (points) |", "|---|---:|---:|---:|"]
+    for name, by_perf in results.items():
+        ratio = by_perf["ratio"]
+        lines.append(
+            f"| {name} | {ratio['wall']:.2f}× | {_fmt(ratio['phase_b_epoch'], '.2f')}{'×' if ratio['phase_b_epoch'] else ''} | "
+            f"{ratio['test_acc_points']:+.2f} |"
+        )
+    lines += ["", "Cases:", ""] + [f"- `{n}`: {CASES[n].title}" for n in results]
+    (report / "bench.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="../shared/data/flower_photos", help="folder of class sub-folders (TF Flowers)")
+    parser.add_argument("--out", default="outputs/bench", help="run dirs, logs and feature caches go here")
+    parser.add_argument("--report", default="docs", help="bench.md and bench.json go here")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("overrides", nargs="*", help="extra tlexp-train overrides for every run, e.g. data.limit_per_class=100")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}: choose from {', '.join(CASES)}")
+    command = "python -m tlexp.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict = {}
+    for name in names:
+        by_perf = {}
+        for perf in ("naive", "fast"):
+            print(f"bench: {name} perf={perf} ...", flush=True)
+            by_perf[perf] = run_case(CASES[name], perf, out, args.root, args.overrides)
+            print(f"bench: {name} perf={perf}: {by_perf[perf]['wall_s']:.0f} s, test acc {by_perf[perf]['test_acc']:.4f}", flush=True)
+        naive, fast = by_perf["naive"], by_perf["fast"]
+        by_perf["ratio"] = {
+            "wall": naive["wall_s"] / fast["wall_s"],
+            "phase_b_epoch": naive["phase_b_epoch_s"] / fast["phase_b_epoch_s"] if fast["phase_b_epoch_s"] else None,
+            "test_acc_points": 100 * (fast["test_acc"] - naive["test_acc"]),
+        }
+        results[name] = by_perf
+        write_report(Path(args.report), results, machine(), command)
+    print(f"bench: wrote {Path(args.report) / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    main()
