@@ -82,6 +82,25 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` from the repository root (tlexp-predict, tlexp-export, ...)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(image tree, run dir) of one finished tiny run, for tests of what comes after training.
+
+    EfficientNet-Lite0 (random init) has its own preprocessing (bicubic, mean = std = 0.5), so a tool
+    that fell back to ImageNet defaults would not reproduce the run's numbers.
+    """
+    root = tmp_path_factory.mktemp("trained")
+    tree = make_image_tree(root / "images", {"red": 10, "green": 10, "blue": 10})
+    train(root / "run", tree, "model=efficientnet_lite0", "strategy=blocks_2", "data.image_size=48")
+    return tree, root / "run"
+
+
 def train(run_dir: Path, data_root: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     result = run_cli(*FAST, f"data.root={data_root}", f"hydra.run.dir={run_dir}", *overrides)
     if check:

@@ -96,6 +96,13 @@ def test_store_reuses_an_entry_only_for_the_same_key(tmp_path):
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
 
 
+def test_jobs_in_one_process_share_one_store_and_budget(tmp_path):
+    first = FeatureStore.shared(tmp_path, budget_bytes=10**9, batch_size=4)
+    first.get({"k": 1}, _Counting(), _Images(4), "test")
+    second = FeatureStore.shared(tmp_path, budget_bytes=0, batch_size=8)
+    assert second is first and second.batch_size == 8 and not second.resident  # the new budget evicts
+
+
 def test_values_beyond_float16_are_stored_in_float32(tmp_path):
     store = FeatureStore(tmp_path, budget_bytes=10**9, batch_size=4)
     huge = _Images(6, scale=1e6)
@@ -141,6 +148,8 @@ def test_rows_that_share_a_prefix_share_its_entries(tmp_path, tiny_tree, data_ca
     assert "feature cache: phase A" not in second and "feature cache: decoded" not in second.split("phase B")[0]
     assert "feature cache: decoded train images, view 3/4" in second
     assert "feature cache: phase B train view 3/4" in second
+    strip = lambda m: [{k: v for k, v in e.items() if k != "seconds"} for e in m["history"][:2]]
+    assert strip(read_metrics(tmp_path / "b")) == strip(read_metrics(tmp_path / "a"))  # phase A as if run alone
 
 
 def test_naive_perf_trains_on_images(tmp_path, tiny_tree):

@@ -1,4 +1,4 @@
-"""A run killed in phase B and resumed from last.ckpt ends exactly where the uninterrupted run does."""
+"""A run killed at any point and resumed from last.ckpt ends exactly where the uninterrupted run does."""
 
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ import signal
 import pytest
 import torch
 
-from tests.conftest import read_metrics, train
+from tests.conftest import make_image_tree, read_metrics, train
 
-SCHEDULE = ("model=resnet18", "strategy=blocks_2", "finetune.phase_a_epochs=1", "finetune.phase_b_epochs=2", "data.augment.rotation=10")
+# epochs 0-1 are phase A, 2-3 phase B
+SCHEDULE = ("model=resnet18", "strategy=blocks_2", "finetune.phase_a_epochs=2", "finetune.phase_b_epochs=2", "data.augment.rotation=10")
 COMPARED = ("train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "test_f1_macro", "best_epoch", "epochs", "trainable_params")
+KILL_POINTS = {
+    "phase_a": ("+callbacks.killer._target_=tests.helpers.KillAtEpochStart", "+callbacks.killer.epoch=1"),
+    "phase_switch": ("+callbacks.killer._target_=tests.helpers.KillAtEpochStart", "+callbacks.killer.epoch=2"),
+    "mid_phase_b": ("+callbacks.killer._target_=tests.helpers.KillAtEpochStart", "+callbacks.killer.epoch=3"),
+    "during_test": ("+callbacks.killer._target_=tests.helpers.KillAtTestStart",),
+}
+LAST_EPOCH_SAVED = {"phase_a": 0, "phase_switch": 1, "mid_phase_b": 2, "during_test": 3}
 
 
 def _weights(run_dir):
@@ -18,26 +26,97 @@ def _weights(run_dir):
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize(("perf", "workers"), [("naive", 0), ("naive", 2), ("fast", 2)])
-def test_kill_in_phase_b_then_resume_matches_uninterrupted(tmp_path, tiny_tree, perf, workers):
-    """Bit-identical weights: data order, augmentation and dropout do not depend on where the run started.
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_image_tree(tmp_path_factory.mktemp("resume") / "images", {"red": 10, "green": 10, "blue": 10})
 
-    perf=naive trains on images (random augmentation per epoch); perf=fast on the frozen-prefix cache.
-    """
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    schedule = (*SCHEDULE, f"perf={perf}", f"data.num_workers={workers}")
-    train(whole, tiny_tree, *schedule)
 
-    killed = train(broken, tiny_tree, *schedule, "+callbacks.killer._target_=tests.helpers.KillAtEpochStart", "+callbacks.killer.epoch=2", check=False)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tree):
+    """One uninterrupted run per (perf, workers), shared by every kill point."""
+    runs = {}
+
+    def get(perf: str, workers: int):
+        if (perf, workers) not in runs:
+            run = tmp_path_factory.mktemp(f"whole_{perf}_{workers}")
+            train(run, tree, *SCHEDULE, f"perf={perf}", f"data.num_workers={workers}")
+            runs[perf, workers] = run
+        return runs[perf, workers]
+
+    return get
+
+
+def _signal_at(name: str, epoch: int) -> tuple[str, ...]:
+    return ("+callbacks.sig._target_=tests.helpers.SignalAtEpochStart", f"+callbacks.sig.signal={name}", f"+callbacks.sig.epoch={epoch}")
+
+
+def _kill_and_resume(tmp_path, tree, schedule, kill_point):
+    broken = tmp_path / "broken"
+    killed = train(broken, tree, *schedule, *KILL_POINTS[kill_point], check=False)
     assert killed.returncode == -signal.SIGKILL
-    assert not (broken / "metrics.json").exists()
-    assert torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1  # mid phase B
+    assert not (broken / "metrics.json").exists()  # nothing that looks like a result
+    assert torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == LAST_EPOCH_SAVED[kill_point]
+    train(broken, tree, *schedule, f"ckpt_path={broken / 'checkpoints' / 'last.ckpt'}")
+    return broken
 
-    train(broken, tiny_tree, *schedule, f"ckpt_path={broken / 'checkpoints' / 'last.ckpt'}")
-    expected, resumed = read_metrics(whole), read_metrics(broken)
+
+def _assert_same_run(resumed_dir, expected_dir):
+    expected, resumed = read_metrics(expected_dir), read_metrics(resumed_dir)
     assert {k: resumed[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # wall time differs
     assert strip(resumed["history"]) == strip(expected["history"])
-    a, b = _weights(whole), _weights(broken)
+    a, b = _weights(expected_dir), _weights(resumed_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "phase B from epoch 2" in (broken / "train.log").read_text()  # re-applied on resume (Lightning #21901)
+
+
+@pytest.mark.parametrize("kill_point", list(KILL_POINTS))
+def test_killed_anywhere_then_resumed_matches_uninterrupted(tmp_path, tree, uninterrupted, kill_point):
+    """Bit-identical weights and metrics; the default perf=fast trains on the frozen-prefix cache."""
+    schedule = (*SCHEDULE, "perf=fast", "data.num_workers=0")
+    resumed = _kill_and_resume(tmp_path, tree, schedule, kill_point)
+    _assert_same_run(resumed, uninterrupted("fast", 0))
+    if kill_point in ("phase_a", "phase_switch"):
+        assert "phase B from epoch 2" in (resumed / "train.log").read_text()
+    if kill_point == "mid_phase_b":  # re-applied on resume (Lightning #21901)
+        assert "phase B from epoch 3" in (resumed / "train.log").read_text()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_path_resume_is_exact_with_loader_workers(tmp_path, tree, uninterrupted, workers):
+    """perf=naive trains on images with random augmentation in every epoch, in worker processes or not."""
+    schedule = (*SCHEDULE, "perf=naive", f"data.num_workers={workers}")
+    _assert_same_run(_kill_and_resume(tmp_path, tree, schedule, "mid_phase_b"), uninterrupted("naive", workers))
+
+
+def test_sigterm_stops_cleanly_and_resumes_exactly(tmp_path, tree, uninterrupted):
+    """SIGTERM (a scheduler's pre-emption): Lightning stops after the batch; exit 143, status interrupted."""
+    schedule = (*SCHEDULE, "perf=fast", "data.num_workers=0")
+    broken = tmp_path / "broken"
+    stopped = train(broken, tree, *schedule, *_signal_at("SIGTERM", 3), check=False)
+    assert stopped.returncode == 128 + signal.SIGTERM
+    status = read_metrics(broken)
+    assert status["status"] == "interrupted" and "ckpt_path=" in status["error"] and "test_acc" not in status
+    assert torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2  # at most one epoch lost
+    train(broken, tree, *schedule, "resume=true")
+    _assert_same_run(broken, uninterrupted("fast", 0))
+
+
+def test_ctrl_c_leaves_an_interrupted_run_not_a_result(tmp_path, tree):
+    broken = tmp_path / "broken"
+    stopped = train(broken, tree, *SCHEDULE, *_signal_at("SIGINT", 1), check=False)
+    assert stopped.returncode == 1
+    status = read_metrics(broken)
+    assert status["status"] == "interrupted" and "SIGINT" in status["error"] and "test_acc" not in status
+
+
+def test_damaged_last_checkpoint_falls_back_to_an_intact_one(tmp_path, tree, uninterrupted):
+    schedule = (*SCHEDULE, "perf=fast", "data.num_workers=0")
+    broken = tmp_path / "broken"
+    train(broken, tree, *schedule, *KILL_POINTS["mid_phase_b"], check=False)
+    last = broken / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as a full disk or a bad copy leaves it
+    explicit = train(tmp_path / "other", tree, *schedule, f"ckpt_path={last}", check=False)
+    assert explicit.returncode == 2 and "not a readable Lightning checkpoint" in explicit.stderr
+    train(broken, tree, *schedule, "resume=auto")
+    assert "last.ckpt is damaged" in (broken / "train.log").read_text()
+    _assert_same_run(broken, uninterrupted("fast", 0))

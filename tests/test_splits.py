@@ -70,7 +70,8 @@ def test_bad_trees(tmp_path):
 def _datamodule(root, **overrides):
     cfg = OmegaConf.create(
         {"kind": "imagefolder", "root": str(root), "split": [0.7, 0.15, 0.15], "image_size": None, "batch_size": 4,
-         "num_workers": 0, "limit_per_class": None, "augment": {"hflip": True, "crop_scale": [0.8, 1.0], "rotation": 0, "shear": 0}}
+         "num_workers": 0, "limit_per_class": None, "augment": {"hflip": True, "crop_scale": [0.8, 1.0], "rotation": 0, "shear": 0},
+         "on_bad_image": "skip", "image_checks": None}
     )
     return ImageDataModule(OmegaConf.merge(cfg, overrides), seed=1)
 

@@ -68,6 +68,11 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "data.split=[0.5,0.2,0.2]"], ["summing to 1"]),
         (["model=resnet18", "optim.lr=0"], ["optim.lr must be > 0"]),
         (["model=resnet18", "model.weights=IMAGENET9K"], ["not a weights name of resnet18"]),
+        (["model=resnet18", "data.batch_size=abc"], ["data.batch_size must be an integer, got 'abc'"]),
+        (["model=resnet18", "data.batch_size=0", "finetune.phase_b_epochs=-1"], ["data.batch_size must be >= 1", "finetune.phase_b_epochs must be >= 0"]),
+        (["model=resnet18", "model.head.dropout=1.5"], ["model.head.dropout must be in [0.0, 1.0)"]),
+        (["model=resnet18", "optim.lr=fast"], ["optim.lr must be a number, got 'fast'"]),
+        (["model=resnet18", "resume=maybe"], ["resume must be one of false, true, auto"]),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):

@@ -84,6 +84,17 @@ def run_case(case: Case, perf: str, out: Path, root: str, extra: list[str]) -> d
     }
 
 
+def onnx_speed(case: Case, out: Path) -> dict:
+    """Batch-1 latency of the fast run's best checkpoint: PyTorch and ONNX Runtime, side by side."""
+    ckpt = out / "runs" / f"{case.name}_fast" / "checkpoints" / "best.ckpt"
+    export_dir = out / f"export_{case.name}"
+    args = [sys.executable, "-m", "tlexp.export", f"ckpt={ckpt}", f"out={export_dir}"]
+    with open(out / f"{case.name}_export.log", "w") as log:
+        if subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, check=False).returncode != 0:
+            raise SystemExit(f"bench: export of {case.name} failed; see {out / f'{case.name}_export.log'}")
+    return json.loads((export_dir / "model.json").read_text())["speed_batch1_ms"]
+
+
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -105,7 +116,7 @@ def write_report(report: Path, results: dict, info: dict, command: str) -> None:
     ]
     for name, by_perf in results.items():
         for perf, r in by_perf.items():
-            if perf == "ratio":
+            if perf not in ("naive", "fast"):
                 continue
             lines.append(
                 f"| {name} | {perf} | {r['wall_s']:.0f} | {r['phase_a_s']:.0f} | {_fmt(r['phase_b_epoch_s'], '.1f')} | "
@@ -118,6 +129,11 @@ def write_report(report: Path, results: dict, info: dict, command: str) -> None:
             f"| {name} | {ratio['wall']:.2f}× | {_fmt(ratio['phase_b_epoch'], '.2f')}{'×' if ratio['phase_b_epoch'] else ''} | "
             f"{ratio['test_acc_points']:+.2f} |"
         )
+    speeds = {n: r["onnx"] for n, r in results.items() if "onnx" in r}
+    if speeds:
+        lines += ["", "Inference at batch 1 (fast run's best checkpoint, `tlexp-export`'s side-by-side timing):", "",
+                  "| case | PyTorch (ms) | ONNX Runtime (ms) | PyTorch / ONNX Runtime |", "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {s['torch']:.2f} | {s['onnxruntime']:.2f} | {s['torch_over_onnxruntime']:.2f}× |" for n, s in speeds.items()]
     lines += ["", "Cases:", ""] + [f"- `{n}`: {CASES[n].title}" for n in results]
     (report / "bench.md").write_text("\n".join(lines) + "\n")
 
@@ -128,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/bench", help="run dirs, logs and feature caches go here")
     parser.add_argument("--report", default="docs", help="bench.md and bench.json go here")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the PyTorch vs ONNX Runtime latency")
     parser.add_argument("overrides", nargs="*", help="extra tlexp-train overrides for every run, e.g. data.limit_per_class=100")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -150,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
             "phase_b_epoch": naive["phase_b_epoch_s"] / fast["phase_b_epoch_s"] if fast["phase_b_epoch_s"] else None,
             "test_acc_points": 100 * (fast["test_acc"] - naive["test_acc"]),
         }
+        if args.onnx:
+            by_perf["onnx"] = onnx_speed(CASES[name], out)
         results[name] = by_perf
         write_report(Path(args.report), results, machine(), command)
     print(f"bench: wrote {Path(args.report) / 'bench.md'}")

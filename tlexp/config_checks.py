@@ -1,28 +1,57 @@
-"""Sanity checks on config values that no type system catches (a zero learning rate, ...)."""
+"""Sanity checks on config values that YAML accepts and no type system catches.
+
+A value of the wrong type (``data.batch_size=abc``) or out of range (``optim.lr=0``) is reported
+with every other problem in one message, before anything is built or written.
+"""
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from tlexp.errors import TlexpError
+
+INT, NUMBER = "an integer", "a number"
+
+# key -> (type, lowest allowed, highest allowed (exclusive for dropout), may be null)
+NUMERIC = {
+    "optim.lr": (NUMBER, 0.0, None, False),
+    "finetune.backbone_lr_factor": (NUMBER, 0.0, None, False),
+    "finetune.phase_a_epochs": (INT, 0, None, False),
+    "finetune.phase_b_epochs": (INT, 0, None, False),
+    "data.batch_size": (INT, 1, None, False),
+    "data.num_workers": (INT, 0, None, False),
+    "data.image_size": (INT, 16, None, True),
+    "data.limit_per_class": (INT, 1, None, True),
+    "model.head.dropout": (NUMBER, 0.0, 1.0, False),
+    "data.augment.cached_views.phase_a": (INT, 0, None, False),
+    "data.augment.cached_views.phase_b": (INT, 0, None, False),
+    "perf.cache_budget_gb": (NUMBER, 0.0, None, False),
+}
+CHOICES = {"resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error")}
+
+
+def _numeric_problem(key: str, value, kind: str, low, high, nullable: bool) -> str | None:
+    if value is None:
+        return None if nullable else f"{key} must be {kind}, got null"
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not is_int and not (kind == NUMBER and isinstance(value, float)):
+        return f"{key} must be {kind}{' or null' if nullable else ''}, got {value!r}"
+    if key == "optim.lr" and value <= 0:
+        return f"optim.lr must be > 0, got {value}"
+    if value < low or (high is not None and value >= high):
+        return f"{key} must be {'in [' + str(low) + ', ' + str(high) + ')' if high is not None else '>= ' + str(low)}, got {value}"
+    return None
 
 
 def check_config(cfg) -> None:
-    problems = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
-
-    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    need(cfg.finetune.backbone_lr_factor >= 0, f"finetune.backbone_lr_factor must be >= 0, got {cfg.finetune.backbone_lr_factor}")
-    need(cfg.finetune.phase_a_epochs >= 0, f"finetune.phase_a_epochs must be >= 0, got {cfg.finetune.phase_a_epochs}")
-    need(cfg.finetune.phase_b_epochs >= 0, f"finetune.phase_b_epochs must be >= 0, got {cfg.finetune.phase_b_epochs}")
-    need(cfg.data.batch_size >= 1, f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
-    need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    need(cfg.data.image_size is None or cfg.data.image_size >= 16, f"data.image_size must be null or >= 16, got {cfg.data.image_size}")
-    need(cfg.data.limit_per_class is None or cfg.data.limit_per_class >= 1, f"data.limit_per_class must be null or >= 1, got {cfg.data.limit_per_class}")
-    need(0 <= cfg.model.head.dropout < 1, f"model.head.dropout must be in [0, 1), got {cfg.model.head.dropout}")
-    for phase, views in cfg.data.augment.cached_views.items():
-        need(views >= 0, f"data.augment.cached_views.{phase} must be >= 0, got {views}")
-    need(cfg.perf.cache_budget_gb >= 0, f"perf.cache_budget_gb must be >= 0, got {cfg.perf.cache_budget_gb}")
+    problems = [
+        p for key, rule in NUMERIC.items()
+        if (p := _numeric_problem(key, OmegaConf.select(cfg, key), *rule)) is not None
+    ]
+    problems += [
+        f"{key} must be one of {', '.join(str(c).lower() for c in choices)}, got {OmegaConf.select(cfg, key)}"
+        for key, choices in CHOICES.items()
+        if OmegaConf.select(cfg, key) not in choices
+    ]
     if problems:
         raise TlexpError("; ".join(problems))

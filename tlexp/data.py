@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlexp import splits
 from tlexp.download import download_and_extract
 from tlexp.errors import TlexpError
+from tlexp.image_files import find_unreadable, load_rgb
 from tlexp.preprocessing import (
     Preprocessing,
     eval_geometry,
@@ -39,8 +39,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
-        with Image.open(sample.path) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
+        rgb = load_rgb(sample.path)
         if seed is None:
             return self.transform(rgb), sample.label
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream (dropout) untouched
@@ -85,6 +84,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.split_file = split_file
         self.split: dict[str, list[splits.Sample]] = {}
         self.class_names: list[str] = []
+        self.skipped: dict[str, str] = {}  # relative path -> why it was skipped (data.on_bad_image=skip)
         # (subset, epoch) -> cached frozen-prefix dataset, or None for images (tlexp.prefix_features)
         self.feature_source: Callable[[str, int], Dataset | None] | None = None
 
@@ -102,14 +102,15 @@ class ImageDataModule(pl.LightningDataModule):
         self.prepare_data()
         splits.check_root(self.root, "Set data.root=<folder of class sub-folders> (or data=tf_flowers to download).")
         presplit = splits.presplit_classes(self.root)
+        trees = self._readable(presplit if presplit is not None else {"": splits.list_classes(self.root)})
         if presplit is not None:
-            self.class_names = list(presplit["train"])
+            self.class_names = list(trees["train"])
             self.split = {
                 subset: [splits.Sample(p, label) for label, files in enumerate(classes.values()) for p in files[: self.cfg.limit_per_class]]
-                for subset, classes in presplit.items()
+                for subset, classes in trees.items()
             }
         else:
-            classes = splits.list_classes(self.root)
+            classes = trees[""]
             self.class_names = list(classes)
             self.split = splits.stratified_split(self.root, classes, tuple(self.cfg.split), self.seed, self.cfg.limit_per_class)
         for subset in ("train", "val", "test"):
@@ -121,6 +122,27 @@ class ImageDataModule(pl.LightningDataModule):
             "data %s: %d classes, %s images (train/val/test)", self.root, len(self.class_names),
             "/".join(str(len(self.split[s])) for s in ("train", "val", "test")),
         )
+
+    def _readable(self, trees: dict[str, dict[str, list[Path]]]) -> dict[str, dict[str, list[Path]]]:
+        """Apply ``data.on_bad_image`` before splitting: good files split as if bad ones were not there."""
+        paths = [p for classes in trees.values() for files in classes.values() for p in files]
+        checks = Path(self.cfg.image_checks).expanduser() if self.cfg.image_checks else None
+        bad = find_unreadable(paths, checks, self.cfg.num_workers)
+        if not bad:
+            return trees
+        listing = "\n".join(f"  {p.relative_to(self.root)}: {why}" for p, why in sorted(bad.items()))
+        if self.cfg.on_bad_image == "error":
+            raise TlexpError(
+                f"{len(bad)} file(s) under {self.root} do not decode as images:\n{listing}\n"
+                "Fix or remove them, or set data.on_bad_image=skip"
+            )
+        log.warning("skipping %d file(s) that do not decode as images (data.on_bad_image=skip):\n%s", len(bad), listing)
+        self.skipped = {str(p.relative_to(self.root)): why for p, why in sorted(bad.items())}
+        readable = {t: {c: [p for p in files if p not in bad] for c, files in classes.items()} for t, classes in trees.items()}
+        empty = sorted({c for classes in readable.values() for c, files in classes.items() if not files})
+        if empty:
+            raise TlexpError(f"class folder(s) with no readable image left after skipping bad files: {', '.join(empty)}")
+        return readable
 
     @property
     def class_counts(self) -> list[int]:

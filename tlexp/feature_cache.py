@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 Compute = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+_SHARED: dict[Path, FeatureStore] = {}
 
 
 class FeatureStore:
@@ -51,13 +52,25 @@ class FeatureStore:
         meta = json.loads((entry / "meta.json").read_text())
         return self._load(digest, entry, meta)
 
+    @classmethod
+    def shared(cls, root: Path, budget_bytes: int, batch_size: int) -> FeatureStore:
+        """The process's store for ``root``: jobs of an in-process sweep share its entries and one RAM budget."""
+        store = _SHARED.setdefault(Path(root).resolve(), cls(root, budget_bytes, batch_size))
+        store.budget, store.batch_size = budget_bytes, batch_size
+        store._evict(0)
+        return store
+
+    def _evict(self, incoming: int) -> None:
+        """Drop least recently used entries from RAM (they stay on disk) until ``incoming`` bytes fit."""
+        while self.resident and sum(t.nbytes for ts in self.resident.values() for t in ts) + incoming > self.budget:
+            self.resident.popitem(last=False)
+
     def _load(self, digest: str, entry: Path, meta: dict) -> list[torch.Tensor]:
         size = meta["bytes"]
         if size > self.budget:
             log.info("feature cache %s: %.2f GB > perf.cache_budget_gb, memory-mapped from disk", entry.name, size / 1e9)
             return [torch.from_numpy(np.load(entry / f"cut{i}.npy", mmap_mode="c")) for i in range(len(meta["shapes"]))]
-        while self.resident and sum(t.nbytes for ts in self.resident.values() for t in ts) + size > self.budget:
-            self.resident.popitem(last=False)
+        self._evict(size)
         tensors = [torch.from_numpy(np.load(entry / f"cut{i}.npy")) for i in range(len(meta["shapes"]))]
         self.resident[digest] = tensors
         return tensors

@@ -15,6 +15,7 @@ from torchmetrics.classification import (
 
 from tlexp.backbones import build_backbone
 from tlexp.losses import build_loss
+from tlexp.preprocessing import Preprocessing
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -58,6 +59,11 @@ class TransferModule(pl.LightningModule):
         # A plain dict, outside the module tree: it shares the backbone's modules, and the checkpoint
         # keys stay the backbone's.
         self.cached_suffixes: dict[str, nn.Module] = {}
+        self.preprocessing: Preprocessing | None = None  # what the run fed it; saved in checkpoints for tlexp-predict
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.preprocessing is not None:
+            checkpoint["preprocessing"] = self.preprocessing.as_dict()
 
     def train(self, mode: bool = True):
         """Frozen BatchNorm stays in eval mode (running statistics untouched), as Keras does."""

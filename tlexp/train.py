@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -19,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from tlexp.checkpoint_io import AtomicCheckpointIO
 from tlexp.config_checks import check_config
 from tlexp.data import ImageDataModule
 from tlexp.errors import TlexpError
@@ -90,7 +93,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         backbone_lr_factor=cfg.finetune.backbone_lr_factor,
         total_epochs=total_epochs,
     )
-    datamodule.preprocessing = module.backbone_spec.preprocessing.at_size(cfg.data.image_size)
+    module.preprocessing = datamodule.preprocessing = module.backbone_spec.preprocessing.at_size(cfg.data.image_size)
     if cfg.perf.channels_last:
         module.memory_format = torch.channels_last
         module.to(memory_format=torch.channels_last)
@@ -107,13 +110,14 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
     if cfg.perf.feature_cache:
         views = {"A": cfg.data.augment.cached_views.phase_a, "B": cfg.data.augment.cached_views.phase_b}
-        store = FeatureStore(cfg.perf.cache_dir, int(cfg.perf.cache_budget_gb * 1e9), cfg.data.batch_size)
+        store = FeatureStore.shared(cfg.perf.cache_dir, int(cfg.perf.cache_budget_gb * 1e9), cfg.data.batch_size)
         datamodule.feature_source = PrefixFeatures(
             module, datamodule, store, finetuning.trainable_at, views, cfg.seed, cfg.data.num_workers
         )
         trainer_args["reload_dataloaders_every_n_epochs"] = 1  # each epoch asks for its phase's cached view
     trainer = pl.Trainer(
-        max_epochs=total_epochs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks, **trainer_args
+        max_epochs=total_epochs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], **trainer_args,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     # Read the history before testing: restoring the best checkpoint also restores callback state.
@@ -145,6 +149,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         "num_classes": len(datamodule.class_names),
         "class_names": datamodule.class_names,
         "images": {s: len(v) for s, v in datamodule.split.items()},
+        "skipped_images": len(datamodule.skipped),
+        "skipped": datamodule.skipped,
         "epochs": trainer.current_epoch,
         "phase_a_epochs": cfg.finetune.phase_a_epochs,
         "phase_b_epochs": phase_b_epochs,
@@ -195,16 +201,43 @@ def _failed(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
     })
 
 
+def _readable_checkpoint(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file is skipped the same way
+        log.warning("resume: %s is damaged (%s: %s); trying an older checkpoint", path, type(exc).__name__, exc)
+        return False
+    return True
+
+
+def _interrupted(cfg: DictConfig, run_dir: Path, how: str) -> None:
+    """Say where to resume; a killed job must not look finished (nor like a crash to debug)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    hint = f"resume with ckpt_path={last}" if last.exists() else "no epoch had finished: start it again"
+    _write_json(run_dir / "metrics.json", {
+        "status": "interrupted", "error": f"stopped by {how}; {hint} (or resume=true)", "model": cfg.model.name,
+        "strategy": str(cfg.strategy), "seed": cfg.seed, "run_dir": str(run_dir),
+    })
+    log.warning("stopped by %s; %s", how, hint)
+
+
 def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[dict | None, str | None]:
-    """With ``resume=true``: (metrics of a completed run, None) or (None, its last.ckpt if any)."""
-    metrics_file, last = run_dir / "metrics.json", run_dir / "checkpoints" / "last.ckpt"
+    """With ``resume=true``: (metrics of a completed run, None) or (None, the newest intact checkpoint).
+
+    ``last.ckpt`` first, then the others newest first: any epoch-end checkpoint resumes to the same
+    result (tests/test_resume.py), so a damaged ``last.ckpt`` costs time, not correctness.
+    """
+    metrics_file = run_dir / "metrics.json"
     if cfg.ckpt_path or not cfg.resume:
         return None, cfg.ckpt_path
     if metrics_file.exists():
         previous = json.loads(metrics_file.read_text())
         if previous.get("status") == "completed":
             return previous, None
-    return None, str(last) if last.exists() else None
+    folder = run_dir / "checkpoints"
+    others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = [p for p in [folder / "last.ckpt", *others] if p.exists()]
+    return None, next((str(p) for p in candidates if _readable_checkpoint(p)), None)
 
 
 # conf/ sits at the repository top level (DESIGN.md); an absolute path keeps Hydra on the file system.
@@ -223,6 +256,13 @@ def main(cfg: DictConfig) -> float | None:
             log.info("resume=true: %s already completed (test acc %.4f); skipped", run_dir, done["test_acc"])
             return done["test_acc"]
         return run(cfg, ckpt_path)["test_acc"]
+    except SIGTERMException:  # Lightning stopped after the current batch; last.ckpt holds the last whole epoch
+        _interrupted(cfg, run_dir, "SIGTERM")
+        sys.exit(128 + signal.SIGTERM)
+    except SystemExit as exc:  # Lightning exits 1 after Ctrl+C (SIGINT)
+        if exc.code not in (0, None):
+            _interrupted(cfg, run_dir, "SIGINT")
+        raise
     except (TlexpError, MissingMandatoryValue) as exc:
         _failed(cfg, run_dir, exc)
         log.error("%s", exc)

@@ -1,0 +1,130 @@
+"""Odd images are converted and used; files that do not decode are skipped (listed, counted) or refused."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_image_tree, read_metrics, train
+from tlexp import image_files
+from tlexp.image_files import find_unreadable, load_rgb
+
+BAD = {"empty.jpg": "zero bytes", "notes.jpg": "a text file", "cut.jpg": "truncated JPEG", "fake.PNG": "not an image"}
+
+
+def _jpeg_bytes(size=(40, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((*size, 3), 200, np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _add_bad_files(folder) -> None:
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not a photo\n")
+    (folder / "cut.jpg").write_bytes(_jpeg_bytes()[:400])
+    (folder / "fake.PNG").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+
+
+def _odd_images(folder) -> dict[str, tuple[int, int]]:
+    """Valid but unusual files -> the (width, height) they must load with."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(0).integers(0, 255, (30, 20, 3), dtype=np.uint8)
+    Image.fromarray(rgb[..., 0]).save(folder / "grey.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: width and height swap
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    Image.fromarray(rgb[:8, :8]).save(folder / "tiny.jpg")
+    Image.fromarray(rgb).save(folder / "UPPER.JPG")
+    (folder / "link.jpg").symlink_to(folder / "UPPER.JPG")
+    return {
+        "grey.png": (20, 30), "rgba.png": (20, 30), "palette.png": (20, 30), "cmyk.jpg": (20, 30), "sixteen.png": (20, 30),
+        "rotated.jpg": (30, 20), "tiny.jpg": (8, 8), "UPPER.JPG": (20, 30), "link.jpg": (20, 30),
+    }
+
+
+def test_odd_but_valid_images_load_as_rgb(tmp_path):
+    expected = _odd_images(tmp_path)
+    for name, size in expected.items():
+        image = load_rgb(tmp_path / name)
+        assert (image.mode, image.size) == ("RGB", size), name
+    sixteen, eight = np.asarray(load_rgb(tmp_path / "sixteen.png")), np.asarray(load_rgb(tmp_path / "grey.png"))
+    assert np.abs(sixteen.astype(int) - eight.astype(int)).max() <= 1  # scaled, not clipped to white
+
+
+def test_huge_image_loads(tmp_path):
+    Image.new("RGB", (8000, 8000), (10, 200, 30)).save(tmp_path / "huge.jpg", quality=50)
+    assert load_rgb(tmp_path / "huge.jpg").size == (8000, 8000)
+
+
+def test_unreadable_files_are_found_once_and_remembered(tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    _odd_images(folder)
+    _add_bad_files(folder)
+    paths = sorted(p for p in folder.iterdir())
+    verdicts = tmp_path / "verdicts.json"
+    bad = find_unreadable(paths, verdicts, threads=2)
+    assert sorted(p.name for p in bad) == sorted(BAD)
+    assert all(bad.values())
+    calls = []
+    monkeypatch.setattr(image_files, "decode_error", lambda p: calls.append(p))
+    assert find_unreadable(paths, verdicts, threads=2) == bad and calls == []  # nothing decoded again
+    (folder / "empty.jpg").write_bytes(_jpeg_bytes())  # repaired: re-checked, and only it
+    assert find_unreadable(paths, verdicts, threads=1).keys() == bad.keys() - {folder / "empty.jpg"}
+    assert calls == [folder / "empty.jpg"]
+
+
+def _split_rows(run_dir) -> dict[str, str]:
+    with open(run_dir / "split.csv") as f:
+        return {row["path"]: row["subset"] for row in csv.DictReader(f)}
+
+
+def test_bad_files_are_skipped_counted_and_do_not_move_good_ones(tmp_path):
+    tree = make_image_tree(tmp_path / "images", {"red": 12, "green": 12, "blue": 12})
+    _odd_images(tree / "red")
+    clean = tmp_path / "clean"
+    train(clean, tree, "model=resnet18", "strategy=frozen", "perf=naive")
+    _add_bad_files(tree / "red")
+    run = tmp_path / "run"
+    train(run, tree, "model=resnet18", "strategy=frozen", "perf=naive")
+    metrics = read_metrics(run)
+    assert metrics["status"] == "completed" and metrics["skipped_images"] == len(BAD)
+    assert sorted(metrics["skipped"]) == sorted(f"red/{name}" for name in BAD)
+    assert _split_rows(run) == _split_rows(clean)  # bad files left out, good ones where they were without them
+    assert sum(metrics["images"].values()) == 36 + 9  # every odd-but-valid image is used
+    log = (run / "train.log").read_text()
+    assert log.count("skipping 4 file(s)") == 1 and "red/cut.jpg" in log
+
+
+def test_on_bad_image_error_refuses_with_the_list(tmp_path):
+    tree = make_image_tree(tmp_path / "images", {"red": 6, "green": 6})
+    _add_bad_files(tree / "green")
+    result = train(tmp_path / "run", tree, "data.on_bad_image=error", check=False)
+    assert result.returncode == 2
+    assert "4 file(s)" in result.stderr and "green/notes.jpg" in result.stderr and "data.on_bad_image=skip" in result.stderr
+    assert read_metrics(tmp_path / "run")["status"] == "failed"
+
+
+@pytest.mark.parametrize("value", ["ignore", "Skip"])
+def test_on_bad_image_takes_skip_or_error_only(tmp_path, tiny_tree, value):
+    result = train(tmp_path / "run", tiny_tree, f"data.on_bad_image={value}", check=False)
+    assert result.returncode == 2 and "data.on_bad_image must be one of skip, error" in result.stderr
+
+
+def test_unicode_class_names_and_nested_folders(tmp_path):
+    """Class names are folder names as they are; images in sub-folders belong to the top-level class."""
+    tree = make_image_tree(tmp_path / "images", {"wild rosé": 8, "red": 4})
+    make_image_tree(tree / "red" / "more", {"nested": 4}, seed=1)
+    run = tmp_path / "run"
+    train(run, tree, "model=resnet18", "strategy=frozen")
+    metrics = read_metrics(run)
+    assert metrics["class_names"] == ["red", "wild rosé"]
+    assert sum(metrics["images"].values()) == 16
+    assert any(p.startswith("red/more/nested/") for p in _split_rows(run))

@@ -1,0 +1,33 @@
+"""Checkpoints are replaced atomically: a failed write leaves the previous file whole and no debris."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tlexp import checkpoint_io
+from tlexp.checkpoint_io import AtomicCheckpointIO
+
+
+def test_save_replaces_in_one_step(tmp_path):
+    io, path = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, path)
+    io.save_checkpoint({"epoch": 2}, path)
+    assert torch.load(path, weights_only=False) == {"epoch": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_a_write_that_dies_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def dies_half_way(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        io.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -1,0 +1,44 @@
+"""tlexp-export: ONNX and TorchScript files that give the PyTorch model's probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from tests.conftest import run_module
+from tlexp.image_files import load_rgb
+from tlexp.predict import load_model
+from tlexp.preprocessing import eval_transform
+
+
+def test_onnx_and_torchscript_match_pytorch(trained_run, tmp_path):
+    tree, run = trained_run
+    ckpt = run / "checkpoints" / "best.ckpt"
+    result = run_module("tlexp.export", f"ckpt={ckpt}", f"out={tmp_path}", "speed.repeats=5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "model.json").read_text())
+    assert report["verified_on_images"] >= 1 and report["class_names"] == ["blue", "green", "red"]
+    assert report["preprocessing"]["crop_size"] == 48 and report["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert all(e["max_abs_prob_diff"] < 1e-4 for e in report["exports"].values())
+    assert report["speed_batch1_ms"]["torch"] > 0 and report["speed_batch1_ms"]["onnxruntime"] > 0
+
+    # check independently of the tool's own report, on every image of the tree
+    module, pre = load_model(str(ckpt))
+    images = torch.stack([eval_transform(pre)(load_rgb(p)) for p in sorted(tree.rglob("*.jpg"))])
+    with torch.inference_mode():
+        expected = module(images).softmax(dim=1)
+    onnx_logits = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"image": images.numpy()})[0]
+    script_logits = torch.jit.load(tmp_path / "model.torchscript.pt")(images)
+    np.testing.assert_allclose(torch.from_numpy(onnx_logits).softmax(dim=1), expected, atol=1e-4)
+    np.testing.assert_allclose(script_logits.softmax(dim=1).detach(), expected, atol=1e-4)
+
+
+def test_export_without_images_to_check_is_refused(tmp_path, trained_run):
+    _, run = trained_run
+    lonely = tmp_path / "best.ckpt"
+    lonely.write_bytes((run / "checkpoints" / "best.ckpt").read_bytes())  # away from its run dir
+    result = run_module("tlexp.export", f"ckpt={lonely}", f"out={tmp_path / 'out'}")
+    assert result.returncode == 2 and "images=" in result.stderr

@@ -1,0 +1,63 @@
+"""tlexp-predict: the checkpoint alone reproduces trainer.test's accuracy; bad input is one clear error."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+
+import pytest
+
+from tests.conftest import read_metrics, run_module
+
+
+def predict_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_module("tlexp.predict", *args)
+
+
+def test_predictions_match_trainer_test(trained_run, tmp_path):
+    tree, run = trained_run
+    out = tmp_path / "predictions.csv"
+    result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tree}", f"csv={out}", "num_workers=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "top-3 predictions" in result.stdout
+    with open(run / "split.csv") as f:
+        test_rows = {str(tree / r["path"]): r["class"] for r in csv.DictReader(f) if r["subset"] == "test"}
+    with open(out) as f:
+        predicted = {r["path"]: r for r in csv.DictReader(f)}
+    assert len(predicted) == 30 and test_rows.keys() <= predicted.keys()
+    correct = sum(predicted[p]["top1"] == label for p, label in test_rows.items())
+    assert correct / len(test_rows) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)
+    row = next(iter(predicted.values()))
+    assert sum(float(row[f"p_{c}"]) for c in ("blue", "green", "red")) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_one_file_and_a_glob(trained_run):
+    tree, run = trained_run
+    ckpt = f"ckpt={run / 'checkpoints' / 'best.ckpt'}"
+    one = predict_cli(ckpt, f"images={tree / 'red' / 'img_000.jpg'}", "top_k=1")
+    assert one.returncode == 0 and "img_000.jpg" in one.stdout and "#2" not in one.stdout
+    pattern = predict_cli(ckpt, f"images={tree}/green/img_00*.jpg", "num_workers=0")
+    assert pattern.returncode == 0 and pattern.stdout.count("img_00") == 10
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("ckpt=/nonexistent/best.ckpt", "images=."), "no such file"),
+        (("images=/nonexistent/*.jpg",), "no image files found"),
+    ],
+)
+def test_bad_input_is_one_clear_error(trained_run, args, message):
+    _, run = trained_run
+    full = list(args)
+    if not any(a.startswith("ckpt=") for a in full):
+        full.insert(0, f"ckpt={run / 'checkpoints' / 'best.ckpt'}")
+    result = predict_cli(*full)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_file_that_is_not_a_checkpoint(tmp_path):
+    fake = tmp_path / "best.ckpt"
+    fake.write_text("not a checkpoint")
+    result = predict_cli(f"ckpt={fake}", "images=.")
+    assert result.returncode == 2 and "not a readable tlexp checkpoint" in result.stderr

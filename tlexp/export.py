@@ -1,0 +1,141 @@
+"""``tlexp-export ckpt=<run>/checkpoints/best.ckpt``: ONNX and TorchScript files that are checked, not trusted.
+
+Both files map a normalized image batch (N, 3, crop, crop) to logits. ``model.json`` beside them
+says how to feed them (crop and resize size, mean, std, interpolation, class names) and what the
+check found: each export's largest probability difference from the PyTorch model on real images,
+and the batch-1 latency of PyTorch and ONNX Runtime measured side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tlexp.errors import TlexpError
+from tlexp.image_files import load_rgb
+from tlexp.predict import list_images, load_model
+from tlexp.preprocessing import eval_transform
+from tlexp.splits import SUBSETS
+
+log = logging.getLogger("tlexp.export")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _images_of_run(ckpt: Path) -> list[Path]:
+    """The test images of the run the checkpoint came from (its split.csv), if it is still there."""
+    split_file = ckpt.resolve().parent.parent / "split.csv"
+    config = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not split_file.exists() or not config.exists():
+        return []
+    root = Path(str(OmegaConf.load(config).data.root)).expanduser()
+    with open(split_file) as f:
+        rows = [r for r in csv.DictReader(f) if r["subset"] == SUBSETS[2]]
+    return [root / r["path"] for r in rows if (root / r["path"]).exists()]
+
+
+def _median_ms(run, x, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def export(cfg: DictConfig) -> dict:
+    ckpt = Path(cfg.ckpt)
+    module, pre = load_model(str(ckpt))
+    model = nn.Sequential(module.backbone, module.head).eval()
+    files = list_images(str(cfg.images)) if cfg.images else _images_of_run(ckpt)
+    if not files:
+        raise TlexpError("no images to verify the export on: pass images=<file|folder|glob> (the run's split.csv was not found)")
+    files = files[: cfg.verify_images]
+    transform = eval_transform(pre)
+    batch = torch.stack([transform(load_rgb(f)) for f in files])
+    out = Path(cfg.out) if cfg.out else ckpt.resolve().parent.parent / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        reference = model(batch).softmax(dim=1)
+    report: dict = {
+        "source_checkpoint": str(ckpt.resolve()),
+        "input": {"shape": ["N", 3, pre.crop_size, pre.crop_size], "layout": "NCHW float32, normalized"},
+        "preprocessing": pre.as_dict(),
+        "class_names": list(module.hparams.class_names),
+        "output": "logits (softmax gives class probabilities)",
+        "verified_on_images": len(files),
+        "exports": {},
+    }
+    example = batch[:1]
+    if "torchscript" in cfg.formats:
+        path = out / "model.torchscript.pt"
+        with torch.no_grad():
+            torch.jit.save(torch.jit.trace(model, example), path)
+        loaded = torch.jit.load(path).eval()
+        with torch.inference_mode():
+            diff = (loaded(batch).softmax(dim=1) - reference).abs().max().item()
+        report["exports"]["torchscript"] = {"file": path.name, "max_abs_prob_diff": diff}
+    if "onnx" in cfg.formats:
+        import onnxruntime as ort
+
+        path = out / "model.onnx"
+        batch_dim = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(
+            model, (example,), path, input_names=["image"], output_names=["logits"],
+            dynamic_shapes={"input": {0: batch_dim}}, dynamo=True, external_data=False,
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        logits = session.run(None, {"image": batch.numpy()})[0]
+        diff = (torch.from_numpy(logits).softmax(dim=1) - reference).abs().max().item()
+        one = example.numpy()
+        with torch.inference_mode():
+            torch_ms = _median_ms(model, example, cfg.speed.warmup, cfg.speed.repeats)
+        ort_ms = _median_ms(lambda x: session.run(None, {"image": x}), one, cfg.speed.warmup, cfg.speed.repeats)
+        report["exports"]["onnx"] = {"file": path.name, "max_abs_prob_diff": diff, "opset": _opset(path)}
+        report["speed_batch1_ms"] = {
+            "torch": torch_ms, "onnxruntime": ort_ms, "torch_over_onnxruntime": torch_ms / ort_ms,
+            "threads": torch.get_num_threads(), "statistic": f"median of {cfg.speed.repeats} after {cfg.speed.warmup} warm-up",
+        }
+    worst = max((e["max_abs_prob_diff"] for e in report["exports"].values()), default=0.0)
+    if worst > cfg.tolerance:
+        raise TlexpError(f"export check failed: probabilities differ by up to {worst:.2e} (> tolerance {cfg.tolerance}); see {out}")
+    (out / "model.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        report = export(cfg)
+    except TlexpError as exc:
+        print(f"tlexp-export: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    for name, e in report["exports"].items():
+        print(f"{name}: {e['file']} (max |Δp| = {e['max_abs_prob_diff']:.2e} on {report['verified_on_images']} images)")
+    if "speed_batch1_ms" in report:
+        s = report["speed_batch1_ms"]
+        print(f"batch 1: torch {s['torch']:.2f} ms, onnxruntime {s['onnxruntime']:.2f} ms ({s['torch_over_onnxruntime']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

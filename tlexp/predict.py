@@ -1,0 +1,127 @@
+"""``tlexp-predict ckpt=<run>/checkpoints/best.ckpt images=<file|folder|glob>``: top-k classes per image.
+
+The model is rebuilt from the checkpoint alone (architecture, class names and the preprocessing the
+run used), so predictions match what ``trainer.test`` measured; no pretrained weights are fetched.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from tlexp.data import ImageListDataset
+from tlexp.errors import TlexpError
+from tlexp.image_files import find_unreadable
+from tlexp.module import TransferModule
+from tlexp.preprocessing import Preprocessing, eval_transform
+from tlexp.splits import IMAGE_EXTENSIONS, Sample
+
+log = logging.getLogger("tlexp.predict")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def load_model(path: str) -> tuple[TransferModule, Preprocessing]:
+    """The trained model in eval mode and its preprocessing, from a tlexp checkpoint."""
+    if not Path(path).is_file():
+        raise TlexpError(f"ckpt={path}: no such file (use <run dir>/checkpoints/best.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
+    except Exception as exc:  # any unreadable file gets the same advice
+        raise TlexpError(f"ckpt={path} is not a readable tlexp checkpoint ({type(exc).__name__}: {exc})") from exc
+    if "preprocessing" not in checkpoint:
+        raise TlexpError(f"ckpt={path} has no saved preprocessing: it was not written by tlexp-train")
+    # weights=None: the architecture only; every weight comes from the checkpoint.
+    module = TransferModule(**{**hparams, "model": {**hparams["model"], "weights": None}})
+    module.load_state_dict(state)
+    return module.eval(), Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["preprocessing"].items()})
+
+
+def list_images(spec: str) -> list[Path]:
+    """A file, a folder (searched recursively) or a glob pattern -> image files, sorted."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    candidates = path.rglob("*") if path.is_dir() else (Path(p) for p in glob.glob(spec, recursive=True))
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise TlexpError(f"images={spec}: no image files found (give a file, a folder or a quoted glob like 'photos/*.jpg')")
+    return files
+
+
+@torch.inference_mode()
+def predict(module: TransferModule, pre: Preprocessing, files: list[Path], batch_size: int, num_workers: int) -> torch.Tensor:
+    """Class probabilities, one row per file."""
+    dataset = ImageListDataset([Sample(f, -1) for f in files], eval_transform(pre))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    batches = track(loader, description="predicting", transient=True) if len(loader) > 1 else loader
+    return torch.cat([module(x).softmax(dim=1) for x, _ in batches])
+
+
+def write_csv(path: Path, files: list[Path], probs: torch.Tensor, class_names: list[str], top_k: int) -> None:
+    top = probs.topk(top_k, dim=1)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *[c for i in range(top_k) for c in (f"top{i + 1}", f"p{i + 1}")], *[f"p_{n}" for n in class_names]])
+        for file, values, indices, row in zip(files, top.values.tolist(), top.indices.tolist(), probs.tolist()):
+            ranked = [x for v, i in zip(values, indices) for x in (class_names[i], f"{v:.6f}")]
+            writer.writerow([str(file), *ranked, *[f"{p:.6f}" for p in row]])
+
+
+def print_table(files: list[Path], probs: torch.Tensor, class_names: list[str], top_k: int, limit: int) -> None:
+    table = Table(title=f"top-{top_k} predictions")
+    table.add_column("image")
+    for i in range(top_k):
+        table.add_column(f"#{i + 1}")
+    top = probs.topk(top_k, dim=1)
+    for file, values, indices in list(zip(files, top.values.tolist(), top.indices.tolist()))[:limit]:
+        table.add_row(file.name, *[f"{class_names[i]} {v:.1%}" for v, i in zip(values, indices)])
+    console = Console()
+    console.print(table)
+    if len(files) > limit:
+        console.print(f"... and {len(files) - limit} more (all of them with csv=<file>)")
+
+
+def run(cfg: DictConfig) -> None:
+    module, pre = load_model(cfg.ckpt)
+    class_names = module.hparams.class_names
+    top_k = min(cfg.top_k, len(class_names))
+    if top_k < 1:
+        raise TlexpError(f"top_k must be >= 1, got {cfg.top_k}")
+    files = list_images(str(cfg.images))
+    bad = find_unreadable(files, None, cfg.num_workers)
+    if bad:
+        listing = "\n".join(f"  {p}: {why}" for p, why in sorted(bad.items()))
+        if cfg.on_bad_image == "error":
+            raise TlexpError(f"{len(bad)} file(s) do not decode as images:\n{listing}\nFix or remove them, or set on_bad_image=skip")
+        log.warning("skipping %d file(s) that do not decode as images:\n%s", len(bad), listing)
+        files = [f for f in files if f not in bad]
+    probs = predict(module, pre, files, cfg.batch_size, cfg.num_workers)
+    print_table(files, probs, class_names, top_k, cfg.print_limit)
+    if cfg.csv:
+        write_csv(Path(cfg.csv), files, probs, class_names, top_k)
+        log.info("wrote %d predictions to %s", len(files), cfg.csv)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except TlexpError as exc:
+        print(f"tlexp-predict: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
