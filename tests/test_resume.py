@@ -119,4 +119,5 @@ def test_damaged_last_checkpoint_falls_back_to_an_intact_one(tmp_path, tree, uni
     assert explicit.returncode == 2 and "not a readable Lightning checkpoint" in explicit.stderr
     train(broken, tree, *schedule, "resume=auto")
     assert "last.ckpt is damaged" in (broken / "train.log").read_text()
+    assert (broken / "checkpoints" / "last.ckpt.damaged").stat().st_size == 1000  # kept, not lost
     _assert_same_run(broken, uninterrupted("fast", 0))

@@ -202,10 +202,13 @@ def _failed(cfg: DictConfig, run_dir: Path, exc: BaseException) -> None:
 
 
 def _readable_checkpoint(path: Path) -> bool:
+    """False for a damaged checkpoint, which is renamed ``*.damaged`` (kept, and out of Lightning's way)."""
     try:
         torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # noqa: BLE001 -- any unreadable file is skipped the same way
-        log.warning("resume: %s is damaged (%s: %s); trying an older checkpoint", path, type(exc).__name__, exc)
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        log.warning("resume: %s is damaged (%s: %s), kept as %s; trying an older checkpoint", path, type(exc).__name__, exc, aside.name)
         return False
     return True
 
