@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -25,6 +23,7 @@ from tlexp.errors import TlexpError
 from tlexp.image_files import load_rgb
 from tlexp.predict import list_images, load_model
 from tlexp.preprocessing import eval_transform
+from tlexp.profiling import median_seconds
 from tlexp.splits import SUBSETS
 
 log = logging.getLogger("tlexp.export")
@@ -41,17 +40,6 @@ def _images_of_run(ckpt: Path) -> list[Path]:
     with open(split_file) as f:
         rows = [r for r in csv.DictReader(f) if r["subset"] == SUBSETS[2]]
     return [root / r["path"] for r in rows if (root / r["path"]).exists()]
-
-
-def _median_ms(run, x, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        run(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def export(cfg: DictConfig) -> dict:
@@ -101,9 +89,8 @@ def export(cfg: DictConfig) -> dict:
         logits = session.run(None, {"image": batch.numpy()})[0]
         diff = (torch.from_numpy(logits).softmax(dim=1) - reference).abs().max().item()
         one = example.numpy()
-        with torch.inference_mode():
-            torch_ms = _median_ms(model, example, cfg.speed.warmup, cfg.speed.repeats)
-        ort_ms = _median_ms(lambda x: session.run(None, {"image": x}), one, cfg.speed.warmup, cfg.speed.repeats)
+        torch_ms = 1e3 * median_seconds(model, example, cfg.speed.warmup, cfg.speed.repeats)
+        ort_ms = 1e3 * median_seconds(lambda x: session.run(None, {"image": x}), one, cfg.speed.warmup, cfg.speed.repeats)
         report["exports"]["onnx"] = {"file": path.name, "max_abs_prob_diff": diff, "opset": _opset(path)}
         report["speed_batch1_ms"] = {
             "torch": torch_ms, "onnxruntime": ort_ms, "torch_over_onnxruntime": torch_ms / ort_ms,

@@ -19,14 +19,15 @@ def gflops_per_image(model: nn.Module, image_size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _median_seconds(model: nn.Module, batch: torch.Tensor, warmup: int, repeats: int) -> float:
+def median_seconds(run, batch, warmup: int, repeats: int) -> float:
+    """Median wall time of ``run(batch)`` after ``warmup`` calls (a model, or an ONNX Runtime call)."""
     with torch.inference_mode():
         for _ in range(warmup):
-            model(batch)
+            run(batch)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            model(batch)
+            run(batch)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -34,8 +35,8 @@ def _median_seconds(model: nn.Module, batch: torch.Tensor, warmup: int, repeats:
 def inference_speed(model: nn.Module, image_size: int, batch_size: int, warmup: int, repeats: int) -> dict:
     """ms/image at batch 1 (the reference study's figure) and images/s at ``batch_size``, in eval mode."""
     model = model.eval()
-    one = _median_seconds(model, torch.zeros(1, 3, image_size, image_size), warmup, repeats)
-    many = _median_seconds(model, torch.zeros(batch_size, 3, image_size, image_size), warmup, repeats)
+    one = median_seconds(model, torch.zeros(1, 3, image_size, image_size), warmup, repeats)
+    many = median_seconds(model, torch.zeros(batch_size, 3, image_size, image_size), warmup, repeats)
     return {
         "ms_per_image": one * 1e3,
         "images_per_s": batch_size / many,
