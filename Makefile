@@ -5,13 +5,13 @@ PIP    := $(VENV)/bin/pip
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train bench tensorboard lint clean
+.PHONY: install browser test test-fast train bench tensorboard screenshot lint clean
 
 # torch/torchvision are pinned to the releases this machine's pip serves from local disk.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[dev,timm,offline-weights,export]"
+	$(PIP) install -q -e ".[dev,timm,offline-weights,export,scale]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,8 +34,16 @@ bench: install
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir outputs --bind_all
 
+# Headless Chromium from Debian, for the dashboard screenshot (and its test). Needs root or sudo.
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# make screenshot RUN=outputs/runs/<day>/<run> -> docs/tensorboard_scalars.png, docs/tensorboard_images.png
+screenshot: install browser
+	$(PY) scripts/tensorboard_screenshot.py $(RUN)/tensorboard docs/tensorboard
+
 lint: install
-	$(VENV)/bin/ruff check tlexp tests
+	$(VENV)/bin/ruff check tlexp tests scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache

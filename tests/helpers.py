@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal as signal_module
+from pathlib import Path
 
+import torch
 from pytorch_lightning.callbacks import Callback
 
 
@@ -40,3 +42,21 @@ class SignalAtEpochStart(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), self.signum)
+
+
+class SaveWeightsPerRank(Callback):
+    """``<dirpath>/{start,end}_rank<R>.pt``: each process's weights before and after fitting."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    def _save(self, trainer, pl_module, when: str) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.dirpath / f"{when}_rank{trainer.global_rank}.pt")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "start")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "end")

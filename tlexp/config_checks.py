@@ -26,6 +26,10 @@ NUMERIC = {
     "data.augment.cached_views.phase_a": (INT, 0, None, False),
     "data.augment.cached_views.phase_b": (INT, 0, None, False),
     "perf.cache_budget_gb": (NUMBER, 0.0, None, False),
+    "tune.min_lr": (NUMBER, 1e-12, None, False),
+    "tune.max_lr": (NUMBER, 1e-12, None, False),
+    "tune.num_training": (INT, 2, None, False),
+    "dashboard.misclassified_images": (INT, 0, None, False),
 }
 CHOICES = {"resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error")}
 

@@ -5,6 +5,11 @@ Design choice (why not ``unfreeze_and_add_param_group``): the optimizer holds bo
 no gradient, so optimizers skip them). The phase is derived from the epoch number on every epoch
 start, so a resumed run re-applies it: this sidesteps Lightning #21901, where a resumed
 ``BaseFinetuning`` leaves unfrozen modules frozen.
+
+Under DDP (Lightning #20340): DistributedDataParallel registers only the parameters that require
+gradients when it wraps the model, so parameters unfrozen later would never be all-reduced and the
+ranks would drift apart. The switch therefore re-wraps the model, which also broadcasts rank 0's
+weights and buffers: every rank starts phase B from the same state with the same trainable set.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from __future__ import annotations
 import logging
 
 from pytorch_lightning.callbacks import BaseFinetuning
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from tlexp.dashboard import tensorboard_writers
 from tlexp.strategies import Unit
 
 log = logging.getLogger(__name__)
@@ -64,9 +72,18 @@ class PhasedFinetuning(BaseFinetuning):
         self.freeze(pl_module.backbone, train_bn=False)
         self.make_trainable(self.trainable_at(epoch)[1])
         pl_module.train(pl_module.training)  # puts frozen BatchNorm back in eval mode
+        _rewrap_ddp(pl_module.trainer)
         self._phase = phase
         names = ", ".join(u.name for u in self.units) if phase == "B" else "none (head only)"
-        log.info(
-            "phase %s from epoch %d: backbone modules unfrozen: %s; trainable parameters: %s",
-            phase, epoch, names, f"{trainable_params(pl_module):,}",
-        )
+        message = f"phase {phase} from epoch {epoch}: backbone modules unfrozen: {names}; trainable parameters: {trainable_params(pl_module):,}"
+        log.info("%s", message)
+        for writer in tensorboard_writers(pl_module.trainer):
+            writer.add_text("finetune/phase", message, global_step=pl_module.trainer.global_step)
+
+
+def _rewrap_ddp(trainer) -> None:
+    """Wrap the model in a new DDP, which registers the parameters trainable now (module docstring)."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = strategy.model.module
+        strategy.configure_ddp()

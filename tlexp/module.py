@@ -88,7 +88,7 @@ class TransferModule(pl.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         accuracy(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y))
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss, logits
 
@@ -102,6 +102,7 @@ class TransferModule(pl.LightningModule):
         _, logits = self._step(batch, "test", self.test_acc)
         for metric in (self.test_f1, self.test_recall, self.test_confmat):
             metric.update(logits, batch[1])
+        return logits  # for tlexp.dashboard's misclassified grid
 
     def on_test_epoch_end(self) -> None:
         f1 = self.test_f1.compute()

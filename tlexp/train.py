@@ -24,17 +24,20 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tlexp.checkpoint_io import AtomicCheckpointIO
 from tlexp.config_checks import check_config
+from tlexp.dashboard import TestDashboard
 from tlexp.data import ImageDataModule
 from tlexp.errors import TlexpError
 from tlexp.feature_cache import FeatureStore
 from tlexp.finetune import PhasedFinetuning, phase_b_params
 from tlexp.history import EpochHistory
+from tlexp.lr_finder import find_lr
 from tlexp.module import TransferModule
 from tlexp.perf import resolve_precision, tune_glibc_malloc
 from tlexp.prefix_features import PrefixFeatures
 from tlexp.profiling import gflops_per_image, inference_speed
 from tlexp.reseed import ReseedEachEpoch
 from tlexp.strategies import modules_to_unfreeze, parse_strategy
+from tlexp.summaries import phase_table, run_summary, show
 
 log = logging.getLogger("tlexp")
 # Frozen BatchNorm layers are in eval mode on purpose (Keras semantics); Lightning warns about any.
@@ -98,11 +101,12 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         module.memory_format = torch.channels_last
         module.to(memory_format=torch.channels_last)
     units = modules_to_unfreeze(module.backbone_spec, strategy)
+    show(phase_table(module.head, module.backbone, units), save_as=run_dir / "model_summary.txt")
 
     history = EpochHistory()
     finetuning = PhasedFinetuning(units, cfg.finetune.phase_a_epochs)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks += [finetuning, history, ReseedEachEpoch(cfg.seed)]
+    callbacks += [finetuning, history, ReseedEachEpoch(cfg.seed), TestDashboard(run_dir, cfg.dashboard.misclassified_images)]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar())
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
@@ -119,12 +123,21 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         max_epochs=total_epochs, default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], **trainer_args,
     )
+    if trainer.world_size > 1:
+        _check_distributed(cfg, trainer)
+    lr_find = None
+    if cfg.tune.lr_find and ckpt_path:
+        log.info("tune.lr_find: skipped on resume (the checkpoint's optimizer holds the rates)")
+    elif cfg.tune.lr_find:
+        lr_find = find_lr(trainer, module, datamodule, OmegaConf.to_container(cfg.tune), run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     # Read the history before testing: restoring the best checkpoint also restores callback state.
     epochs, best, fit_seconds = list(history.epochs), history.best(), history.elapsed()
     after_fit = time.perf_counter()
     best_ckpt = trainer.checkpoint_callback.best_model_path  # the first ModelCheckpoint: best by val/acc
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt, verbose=False)[0]
+    if not trainer.is_global_zero:  # rank 0 alone measures speed and writes the run's files
+        return {"val_acc": best.get("val_acc")}
 
     speed = {}
     if cfg.profile.enabled:
@@ -166,6 +179,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         "trainable_params_phase_a": phase_a,
         "total_params": sum(p.numel() for p in module.parameters()),
         "unfrozen_modules": [u.name for u in units],
+        "lr": module.hparams.optim["lr"],
+        "lr_find": lr_find,
         "preprocessing": datamodule.preprocessing.as_dict(),
         **speed,
         "wall_time_s": fit_seconds + time.perf_counter() - after_fit,
@@ -181,7 +196,20 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         "done: test acc %.4f, macro-F1 %.4f, trainable %s params; run dir %s",
         metrics["test_acc"], metrics["test_f1_macro"], f"{metrics['trainable_params']:,}", run_dir,
     )
+    show(*run_summary(metrics, list(HydraConfig.get().overrides.task)), save_as=run_dir / "summary.txt")
     return metrics
+
+
+def _check_distributed(cfg: DictConfig, trainer: pl.Trainer) -> None:
+    """Refuse the DDP set-ups that would silently write to the wrong place or search the wrong thing."""
+    if cfg.tune.lr_find:
+        raise TlexpError("tune.lr_find runs on one device: find the rate with trainer=default, then pass optim.lr=")
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not trainer.strategy.cluster_environment.creates_processes_externally:
+        raise TlexpError(
+            "trainer.strategy=ddp inside a local multirun: Lightning would re-launch this script per rank outside the "
+            "sweep's job folder. Run jobs one at a time, or let the cluster start the ranks "
+            "(hydra/launcher=submitit_slurm with tasks_per_node = GPUs, see docs/scaling.md)"
+        )
 
 
 def _flat_hparams(cfg: DictConfig, strategy: str) -> dict:
@@ -249,7 +277,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """One job. In a sweep a failing job is recorded and the sweep goes on; alone, it exits non-zero."""
+    """One job. In a sweep a failing job is recorded and the sweep goes on; alone, it exits non-zero.
+
+    Returns the best epoch's validation accuracy, the value a sweeper (Optuna) maximises: the test
+    split stays out of model selection.
+    """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -257,8 +289,8 @@ def main(cfg: DictConfig) -> float | None:
         done, ckpt_path = _resume_point(cfg, run_dir)
         if done is not None:
             log.info("resume=true: %s already completed (test acc %.4f); skipped", run_dir, done["test_acc"])
-            return done["test_acc"]
-        return run(cfg, ckpt_path)["test_acc"]
+            return done["val_acc"]
+        return run(cfg, ckpt_path)["val_acc"]
     except SIGTERMException:  # Lightning stopped after the current batch; last.ckpt holds the last whole epoch
         _interrupted(cfg, run_dir, "SIGTERM")
         sys.exit(128 + signal.SIGTERM)

@@ -1,0 +1,83 @@
+"""Scaling out on the engines people use: Lightning DDP (2 CPU processes), submitit, Optuna."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_image_tree(tmp_path_factory.mktemp("scaling") / "images", {"red": 12, "green": 12, "blue": 12})
+
+
+def test_ddp_ranks_train_the_same_phase_b_parameters(tree, tmp_path):
+    """Lightning #20340: DDP syncs only what required grad when it wrapped; the phase switch re-wraps."""
+    weights = tmp_path / "weights"
+    train(
+        tmp_path / "run", tree, "model=resnet18", "trainer=ddp_cpu", "strategy=blocks_1", "finetune.phase_b_epochs=2",
+        "+callbacks.weights._target_=tests.helpers.SaveWeightsPerRank", f"+callbacks.weights.dirpath={weights}",
+    )
+    start = torch.load(weights / "start_rank0.pt")
+    end = [torch.load(weights / f"end_rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(end[0][k], end[1][k]) for k in start), "the ranks hold different weights"
+    moved = {k for k in start if not torch.equal(start[k], end[0][k])}
+    trainable = {k for k in start if k.startswith(("head.", "backbone.layer4.1."))}
+    assert moved == trainable  # frozen BatchNorm statistics stay put too
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["status"] == "completed" and metrics["unfrozen_modules"] == ["layer4.1"]
+    assert not (tmp_path / "run" / "metrics.json.tmp").exists()
+
+
+def test_ddp_refuses_a_local_multirun_and_the_lr_finder(tree, tmp_path):
+    single = train(tmp_path / "run", tree, "trainer=ddp_cpu", "tune.lr_find=true", check=False)
+    assert single.returncode == 2 and "tune.lr_find runs on one device" in single.stderr
+    sweep = run_cli("-m", *FAST, f"data.root={tree}", "trainer=ddp_cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", "strategy=frozen")
+    job = next((tmp_path / "sweep").glob("0_*"))
+    assert json.loads((job / "metrics.json").read_text())["status"] == "failed"
+    assert "inside a local multirun" in (job / "metrics.json").read_text() and sweep.returncode == 0
+
+
+def test_submitit_local_runs_a_two_job_sweep(tree, tmp_path):
+    result = run_cli(
+        "-m", *FAST, f"data.root={tree}", "model=resnet18", "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={tmp_path}", "strategy=frozen,blocks_1", "profile.enabled=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in tmp_path.glob("[0-9]_*"))
+    assert jobs == ["0_resnet18_frozen", "1_resnet18_blocks_1"]
+    for job in jobs:
+        assert read_metrics(tmp_path / job)["status"] == "completed"
+    assert len(list((tmp_path / ".submitit").glob("*/*_result.pkl"))) == 2  # each job ran in its own submitit process
+
+
+def test_optuna_search_writes_the_best_trial(tree, tmp_path):
+    result = run_cli(
+        *FAST, f"data.root={tree}", "model=resnet18", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+        f"hydra.sweep.dir={tmp_path}", "profile.enabled=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {p.name: read_metrics(p) for p in tmp_path.glob("[0-9]_*")}
+    assert len(jobs) == 3 and all(m["status"] == "completed" for m in jobs.values())
+    optuna = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(optuna["best_params"]) == {"optim.lr", "finetune.backbone_lr_factor", "strategy", "loss.gamma"}
+    assert optuna["best_value"] == max(m["val_acc"] for m in jobs.values())  # validation, not test, accuracy
+    best = json.loads((tmp_path / "best_trial.json").read_text())
+    assert best["val_acc"] == optuna["best_value"]
+    config = yaml.safe_load((tmp_path / "best_config.yaml").read_text())
+    assert config["strategy"] == optuna["best_params"]["strategy"] and config["loss"]["name"] == "focal"
+    assert config["optim"]["lr"] == pytest.approx(optuna["best_params"]["optim.lr"])
+    assert config["loss"]["gamma"] == pytest.approx(optuna["best_params"]["loss.gamma"])
+
+
+def test_slurm_launcher_config_composes():
+    result = run_cli("hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.partition=gpu", "--cfg", "hydra")
+    assert result.returncode == 0, result.stderr[-2000:]
+    launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["partition"] == "gpu" and launcher["tasks_per_node"] == launcher["gpus_per_node"] == 1
