@@ -34,6 +34,24 @@ def test_ddp_ranks_train_the_same_phase_b_parameters(tree, tmp_path):
     assert not (tmp_path / "run" / "metrics.json.tmp").exists()
 
 
+def test_ddp_resume_equals_the_uninterrupted_run(tree, tmp_path):
+    """A DDP run stopped after phase A's last epoch and resumed across the switch ends where the whole run does."""
+    common = ("model=resnet18", "trainer=ddp_cpu", "strategy=blocks_1", "profile.enabled=false",
+              "+callbacks.weights._target_=tests.helpers.SaveWeightsPerRank")
+    train(tmp_path / "whole", tree, *common, "finetune.phase_b_epochs=2", f"+callbacks.weights.dirpath={tmp_path / 'w_whole'}")
+    train(tmp_path / "first", tree, *common, "finetune.phase_b_epochs=0", f"+callbacks.weights.dirpath={tmp_path / 'w_first'}")
+    train(
+        tmp_path / "resumed", tree, *common, "finetune.phase_b_epochs=2", f"+callbacks.weights.dirpath={tmp_path / 'w_resumed'}",
+        f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+    )
+    for rank in (0, 1):
+        whole = torch.load(tmp_path / "w_whole" / f"end_rank{rank}.pt")
+        resumed = torch.load(tmp_path / "w_resumed" / f"end_rank{rank}.pt")
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), f"rank {rank} differs"
+    history = [e["val_loss"] for e in read_metrics(tmp_path / "resumed")["history"]]
+    assert history == [e["val_loss"] for e in read_metrics(tmp_path / "whole")["history"]] and len(history) == 3
+
+
 def test_ddp_refuses_a_local_multirun_and_the_lr_finder(tree, tmp_path):
     single = train(tmp_path / "run", tree, "trainer=ddp_cpu", "tune.lr_find=true", check=False)
     assert single.returncode == 2 and "tune.lr_find runs on one device" in single.stderr
