@@ -17,6 +17,23 @@ def test_fast_is_default_and_naive_turns_everything_off(compose_cfg):
         False, False, False, "32-true"
     )
     assert compose_cfg("trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
+    assert (fast.profile.runtime, naive.profile.runtime) == ("torchscript", "eager")
+
+
+def test_inference_runtime_is_verified_against_eager(monkeypatch):
+    import torch
+    import torchvision
+
+    from tlexp import profiling
+
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64)
+    fast, used = profiling.inference_runtime(model, x, "torchscript")
+    assert used == "torchscript" and isinstance(fast, torch.jit.ScriptModule)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() < profiling.VERIFY_TOLERANCE
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("untraceable")))
+    assert profiling.inference_runtime(model, x, "torchscript") == (model, "eager")
 
 
 def test_malloc_tuning_applies_on_glibc():

@@ -31,7 +31,10 @@ NUMERIC = {
     "tune.num_training": (INT, 2, None, False),
     "dashboard.misclassified_images": (INT, 0, None, False),
 }
-CHOICES = {"resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error")}
+CHOICES = {
+    "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
+    "profile.runtime": ("eager", "torchscript", "compile"),
+}
 
 
 def _numeric_problem(key: str, value, kind: str, low, high, nullable: bool) -> str | None:

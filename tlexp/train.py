@@ -144,7 +144,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         size = datamodule.preprocessing.crop_size
         speed = {
             "gflops": gflops_per_image(module, size),
-            **inference_speed(module, size, cfg.profile.batch_size, cfg.profile.warmup, cfg.profile.repeats),
+            **inference_speed(module, size, cfg.profile.batch_size, cfg.profile.warmup, cfg.profile.repeats, cfg.profile.runtime),
         }
     phase_a = sum(p.numel() for p in module.head.parameters())
     metrics = {
