@@ -59,6 +59,7 @@ def test_lr_finder_suggests_without_overriding_by_default(dashboard_run):
     metrics = read_metrics(dashboard_run)
     assert metrics["lr_find"]["suggestion"] > 0 and metrics["lr_find"]["steps"] == 30
     assert metrics["lr_find"]["used"] is False and metrics["lr"] == 1e-3  # optim/adam.yaml's rate
+    assert not list(dashboard_run.glob(".lr_find*"))  # Lightning's temporary checkpoint is gone
 
 
 def test_lr_finder_suggestion_can_be_used(tiny_tree, tmp_path):
@@ -67,6 +68,12 @@ def test_lr_finder_suggestion_can_be_used(tiny_tree, tmp_path):
     assert metrics["lr_find"]["used"] is True and metrics["lr"] == metrics["lr_find"]["suggestion"]
     head = _events(tmp_path / "run").Scalars("lr-Adam/head")[0].value
     assert head == pytest.approx(metrics["lr"])
+
+
+def test_lr_finder_with_too_few_steps_is_one_clear_error(tiny_tree, tmp_path):
+    result = train(tmp_path / "run", tiny_tree, "model=resnet18", "tune.lr_find=true", "tune.num_training=5", check=False)
+    assert result.returncode == 2 and "too few points for a suggestion" in result.stderr
+    assert "Traceback" not in result.stderr and read_metrics(tmp_path / "run")["status"] == "failed"
 
 
 needs_chromium = pytest.mark.skipif(

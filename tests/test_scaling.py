@@ -31,7 +31,11 @@ def test_ddp_ranks_train_the_same_phase_b_parameters(tree, tmp_path):
     assert moved == trainable  # frozen BatchNorm statistics stay put too
     metrics = read_metrics(tmp_path / "run")
     assert metrics["status"] == "completed" and metrics["unfrozen_modules"] == ["layer4.1"]
-    assert not (tmp_path / "run" / "metrics.json.tmp").exists()
+    written = {p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
+    assert written == {  # rank 1 adds only its log
+        "checkpoints", "csv", "tensorboard", "metrics.json", "split.csv", "model_summary.txt", "summary.txt",
+        "confusion_matrix.png", "misclassified.png", "train.log", "train_ddp_process_1.log",
+    }
 
 
 def test_ddp_resume_equals_the_uninterrupted_run(tree, tmp_path):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
+from tests.conftest import FAST, REPO, make_image_tree, read_metrics, run_cli, train
 
 REQUIRED_KEYS = {
     "model", "strategy", "status", "seed", "num_classes", "class_names", "epochs", "train_acc", "train_loss",
@@ -73,6 +76,8 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "model.head.dropout=1.5"], ["model.head.dropout must be in [0.0, 1.0)"]),
         (["model=resnet18", "optim.lr=fast"], ["optim.lr must be a number, got 'fast'"]),
         (["model=resnet18", "resume=maybe"], ["resume must be one of false, true, auto"]),
+        (["model=resnet18", "profile.runtime=jit"], ["profile.runtime must be one of eager, torchscript, compile"]),
+        (["model=resnet18", "tune.lr_find=true", "tune.num_training=1"], ["tune.num_training must be >= 2"]),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):
@@ -134,3 +139,18 @@ def test_cosine_schedule_decays_both_groups_from_their_own_rates(tmp_path, tiny_
 def test_early_stopping_config_adds_the_callback(compose_cfg):
     cfg = compose_cfg("callbacks=early_stopping")
     assert cfg.callbacks.early_stopping.monitor == "val/acc" and cfg.callbacks.model_checkpoint.filename == "best"
+
+
+def test_outputs_stay_in_the_run_dir_and_the_data_dir(tmp_path, tiny_tree):
+    """Nothing lands in the working directory: Hydra's run dir and $TLEXP_DATA_DIR hold everything."""
+    cwd, data_dir = tmp_path / "cwd", tmp_path / "data"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TLEXP_DATA_DIR": str(data_dir)}
+    result = subprocess.run(
+        [sys.executable, "-m", "tlexp.train", *FAST, f"data.root={tiny_tree}", f"hydra.run.dir={tmp_path / 'run'}", "model=resnet18"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(cwd.iterdir()) == []
+    assert {p.name for p in data_dir.iterdir()} == {"feature_cache", "image_checks.json"}
+    assert read_metrics(tmp_path / "run")["status"] == "completed"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tlexp import splits
 from tlexp.download import download_and_extract
 from tlexp.errors import TlexpError
-from tlexp.image_files import find_unreadable, load_rgb
+from tlexp.image_files import bad_image_policy, load_rgb
 from tlexp.preprocessing import (
     Preprocessing,
     eval_geometry,
@@ -127,16 +127,9 @@ class ImageDataModule(pl.LightningDataModule):
         """Apply ``data.on_bad_image`` before splitting: good files split as if bad ones were not there."""
         paths = [p for classes in trees.values() for files in classes.values() for p in files]
         checks = Path(self.cfg.image_checks).expanduser() if self.cfg.image_checks else None
-        bad = find_unreadable(paths, checks, self.cfg.num_workers)
+        bad = bad_image_policy(paths, self.cfg.on_bad_image, "data.on_bad_image", checks, self.cfg.num_workers, self.root)
         if not bad:
             return trees
-        listing = "\n".join(f"  {p.relative_to(self.root)}: {why}" for p, why in sorted(bad.items()))
-        if self.cfg.on_bad_image == "error":
-            raise TlexpError(
-                f"{len(bad)} file(s) under {self.root} do not decode as images:\n{listing}\n"
-                "Fix or remove them, or set data.on_bad_image=skip"
-            )
-        log.warning("skipping %d file(s) that do not decode as images (data.on_bad_image=skip):\n%s", len(bad), listing)
         self.skipped = {str(p.relative_to(self.root)): why for p, why in sorted(bad.items())}
         readable = {t: {c: [p for p in files if p not in bad] for c, files in classes.items()} for t, classes in trees.items()}
         empty = sorted({c for classes in readable.values() for c, files in classes.items() if not files})

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from tlexp.errors import TlexpError
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,23 @@ def find_unreadable(paths: list[Path], verdicts_file: Path | None, threads: int)
         log.info("decoded %d new or changed images in %.1f s to check them", len(todo), time.perf_counter() - start)
         _save(verdicts_file, known)
     return {p: known[str(p)]["error"] for p in paths if known[str(p)]["error"] is not None}
+
+
+def bad_image_policy(paths: list[Path], policy: str, option: str, verdicts_file: Path | None, threads: int, root: Path | None = None) -> dict[Path, str]:
+    """The files that do not decode, handled as ``policy`` says: ``error`` raises, ``skip`` logs them once.
+
+    Returns them (empty when all decode) for the caller to leave out; ``option`` names the config
+    key in the messages, ``root`` shortens the listed paths.
+    """
+    bad = find_unreadable(paths, verdicts_file, threads)
+    if not bad:
+        return bad
+    listing = "\n".join(f"  {p.relative_to(root) if root else p}: {why}" for p, why in sorted(bad.items()))
+    where = f" under {root}" if root else ""
+    if policy == "error":
+        raise TlexpError(f"{len(bad)} file(s){where} do not decode as images:\n{listing}\nFix or remove them, or set {option}=skip")
+    log.warning("skipping %d file(s) that do not decode as images (%s=skip):\n%s", len(bad), option, listing)
+    return bad
 
 
 def _stamp(path: Path) -> list[int]:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from tlexp.data import ImageListDataset
 from tlexp.errors import TlexpError
-from tlexp.image_files import find_unreadable
+from tlexp.image_files import bad_image_policy
 from tlexp.module import TransferModule
 from tlexp.preprocessing import Preprocessing, eval_transform
 from tlexp.splits import IMAGE_EXTENSIONS, Sample
@@ -100,13 +100,8 @@ def run(cfg: DictConfig) -> None:
     if top_k < 1:
         raise TlexpError(f"top_k must be >= 1, got {cfg.top_k}")
     files = list_images(str(cfg.images))
-    bad = find_unreadable(files, None, cfg.num_workers)
-    if bad:
-        listing = "\n".join(f"  {p}: {why}" for p, why in sorted(bad.items()))
-        if cfg.on_bad_image == "error":
-            raise TlexpError(f"{len(bad)} file(s) do not decode as images:\n{listing}\nFix or remove them, or set on_bad_image=skip")
-        log.warning("skipping %d file(s) that do not decode as images:\n%s", len(bad), listing)
-        files = [f for f in files if f not in bad]
+    bad = bad_image_policy(files, cfg.on_bad_image, "on_bad_image", None, cfg.num_workers)
+    files = [f for f in files if f not in bad]
     probs = predict(module, pre, files, cfg.batch_size, cfg.num_workers)
     print_table(files, probs, class_names, top_k, cfg.print_limit)
     if cfg.csv:

@@ -93,10 +93,19 @@ def accuracy_vs_speed(rows: list[dict], path: Path) -> None:
 
     done = [r for r in rows if r.get("status") == "completed" and r.get("ms_per_image") is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    span = max((r["ms_per_image"] for r in done), default=1) - min((r["ms_per_image"] for r in done), default=0) or 1
+    groups: list[dict] = []  # rows on (nearly) the same spot share one label instead of overprinting
     for row in done:
-        ax.scatter(row["ms_per_image"], 100 * row["test_acc"], s=36)
-        ax.annotate(f"{row['model']} · {row['strategy']}", (row["ms_per_image"], 100 * row["test_acc"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        x, y = row["ms_per_image"], 100 * row["test_acc"]
+        ax.scatter(x, y, s=36)
+        near = next((g for g in groups if abs(x - g["x"]) < 0.03 * span and abs(y - g["y"]) < 0.15), None)
+        if near is None:
+            groups.append({"x": x, "y": y, "labels": [f"{row['model']} · {row['strategy']}"]})
+        else:
+            near["labels"].append(row["strategy"])
+    for group in groups:
+        ax.annotate(" / ".join(group["labels"]), (group["x"], group["y"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.margins(x=0.15, y=0.08)
     ax.set_xlabel("inference speed (ms/image, batch 1)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Test accuracy against inference time, one point per run")
