@@ -17,9 +17,24 @@ def test_bench_writes_report_with_ratios(tmp_path, tiny_tree):
     ])
     result = json.loads((report / "bench.json").read_text())
     case = result["cases"]["resnet50_frozen"]
-    assert set(case) == {"naive", "fast", "ratio", "onnx"}
+    assert set(case) == {"naive", "fast", "ratio", "onnx", "measured", "command"} and "--cases resnet50_frozen" in case["command"]
     assert case["onnx"]["torch"] > 0 and case["onnx"]["onnxruntime"] > 0
     assert case["ratio"]["wall"] > 0 and case["naive"]["peak_rss_mib"] > 100
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]
     text = (report / "bench.md").read_text()
     assert "| resnet50_frozen | naive |" in text and "naive / fast" in text and "ONNX Runtime" in text
+
+
+def test_bench_keeps_the_cases_it_did_not_rerun(tmp_path, monkeypatch):
+    report = tmp_path / "docs"
+    report.mkdir()
+    fake = {"wall_s": 1.0, "phase_a_s": 1.0, "phase_b_epoch_s": 2.0, "phase_b_steady_epoch_s": 0.5,
+            "train_images_per_s": 1.0, "peak_rss_mib": 1.0, "test_acc": 0.5, "ms_per_image": 1.0}
+    old = {"naive": fake, "fast": fake, "ratio": {"wall": 2.0, "phase_b_epoch": None, "test_acc_points": 0.0}}
+    (report / "bench.json").write_text(json.dumps({"command": "python -m tlexp.bench old", "cases": {"lite0_frozen": old}}))
+    monkeypatch.setattr(bench, "run_case", lambda *a: dict(fake))
+    bench.main(["--cases", "resnet50_blocks_2", "--no-onnx", "--report", str(report), "--out", str(tmp_path / "out")])
+    cases = json.loads((report / "bench.json").read_text())["cases"]
+    assert cases["lite0_frozen"]["command"] == "python -m tlexp.bench old"
+    assert cases["resnet50_blocks_2"]["ratio"]["phase_b_steady_epoch"] == 4.0
+    assert "python -m tlexp.bench old" in (report / "bench.md").read_text()
