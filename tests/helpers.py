@@ -41,6 +41,10 @@ class SignalAtEpochStart(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
+            if self.signum == signal_module.SIGINT:
+                # A shell starts background jobs with SIGINT ignored, and children inherit that;
+                # a terminal's Ctrl+C reaches Python's default handler, so restore it.
+                signal_module.signal(signal_module.SIGINT, signal_module.default_int_handler)
             os.kill(os.getpid(), self.signum)
 
 
