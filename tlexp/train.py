@@ -191,7 +191,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     final = {f"final/{k}": metrics[k] for k in ("train_acc", "val_acc", "test_acc", "test_f1_macro") if metrics[k] is not None}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(_flat_hparams(cfg, strategy.name), metrics=final)
+            logger.log_hyperparams(_flat_hparams(cfg, strategy.name, metrics["lr"]), metrics=final)
     log.info(
         "done: test acc %.4f, macro-F1 %.4f, trainable %s params; run dir %s",
         metrics["test_acc"], metrics["test_f1_macro"], f"{metrics['trainable_params']:,}", run_dir,
@@ -208,13 +208,14 @@ def _check_distributed(cfg: DictConfig, trainer: pl.Trainer) -> None:
         raise TlexpError(
             "trainer.strategy=ddp inside a local multirun: Lightning would re-launch this script per rank outside the "
             "sweep's job folder. Run jobs one at a time, or let the cluster start the ranks "
-            "(hydra/launcher=submitit_slurm with tasks_per_node = GPUs, see docs/scaling.md)"
+            "(hydra/launcher=slurm with tasks_per_node = GPUs, see docs/scaling.md)"
         )
 
 
-def _flat_hparams(cfg: DictConfig, strategy: str) -> dict:
+def _flat_hparams(cfg: DictConfig, strategy: str, lr: float) -> dict:
+    """``lr`` is the rate trained with (the LR finder's, with ``tune.use_suggestion``)."""
     return {
-        "model": cfg.model.name, "strategy": strategy, "seed": cfg.seed, "lr": cfg.optim.lr,
+        "model": cfg.model.name, "strategy": strategy, "seed": cfg.seed, "lr": lr,
         "optimizer": cfg.optim.name, "loss": cfg.loss.name, "batch_size": cfg.data.batch_size,
         "backbone_lr_factor": cfg.finetune.backbone_lr_factor,
         "phase_a_epochs": cfg.finetune.phase_a_epochs, "phase_b_epochs": cfg.finetune.phase_b_epochs,
