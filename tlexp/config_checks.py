@@ -9,6 +9,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from tlexp.errors import TlexpError
+from tlexp.profiling import RUNTIMES
 
 INT, NUMBER = "an integer", "a number"
 
@@ -33,7 +34,7 @@ NUMERIC = {
 }
 CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
-    "profile.runtime": ("eager", "torchscript", "compile"),
+    "profile.runtime": RUNTIMES,
 }
 
 
