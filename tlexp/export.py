@@ -90,7 +90,7 @@ def export(cfg: DictConfig) -> dict:
         diff = (torch.from_numpy(logits).softmax(dim=1) - reference).abs().max().item()
         one = example.numpy()
         eager_ms = 1e3 * median_seconds(model, example, cfg.speed.warmup, cfg.speed.repeats)
-        fast, runtime = inference_runtime(model, example, cfg.speed.runtime)
+        fast, runtime = inference_runtime(model, (example,), cfg.speed.runtime)
         torch_ms = 1e3 * median_seconds(fast, example, cfg.speed.warmup, cfg.speed.repeats)
         ort_ms = 1e3 * median_seconds(lambda x: session.run(None, {"image": x}), one, cfg.speed.warmup, cfg.speed.repeats)
         report["exports"]["onnx"] = {"file": path.name, "max_abs_prob_diff": diff, "opset": _opset(path)}

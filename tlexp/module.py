@@ -80,7 +80,8 @@ class TransferModule(pl.LightningModule):
     def forward(self, x: torch.Tensor | dict) -> torch.Tensor:
         """Images, or a batch of cached frozen-prefix values ``{"phase": [...], "inputs": [...]}``."""
         if isinstance(x, dict):
-            return self.head(self.cached_suffixes[x["phase"][0]](*map(self._layout, x["inputs"])))
+            # Cached values arrive in their stored dtype (fp16/bf16 where exact enough): widened per batch.
+            return self.head(self.cached_suffixes[x["phase"][0]](*(self._layout(v.float()) for v in x["inputs"])))
         return self.head(self.backbone(self._layout(x)))
 
     def _step(self, batch, stage: str, accuracy) -> torch.Tensor:

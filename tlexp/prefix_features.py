@@ -54,7 +54,10 @@ class eval_mode:
 
 
 class CachedPrefixDataset(Dataset):
-    """Items ``({"phase": p, "inputs": cut values}, label)``; accepts the sampler's ``(index, seed)`` keys."""
+    """Items ``({"phase": p, "inputs": cut values}, label)``; accepts the sampler's ``(index, seed)`` keys.
+
+    Values keep the store's dtype: the module widens whole batches, not every item.
+    """
 
     def __init__(self, phase: str, tensors: list[torch.Tensor], labels: list[int]):
         self.phase = phase
@@ -66,7 +69,7 @@ class CachedPrefixDataset(Dataset):
 
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
-        return {"phase": self.phase, "inputs": [t[index].float() for t in self.tensors]}, self.labels[index]
+        return {"phase": self.phase, "inputs": [t[index] for t in self.tensors]}, self.labels[index]
 
 
 class ViewDataset(Dataset):
@@ -113,6 +116,7 @@ class PrefixFeatures:
         self.seed = seed
         self.num_workers = num_workers
         self.splits: dict[str, tuple[PrefixSplit, str] | None] = {}
+        self.image_digests: dict[str, str] = {}  # subset -> _samples_digest, once per run (stats every file)
 
     def _split(self, phase: str, trainable) -> tuple[PrefixSplit, str] | None:
         if phase not in self.splits:
@@ -129,8 +133,10 @@ class PrefixFeatures:
     def _pixels(self, subset: str, view: int | None, views: int) -> tuple[torch.Tensor, dict]:
         """The decoded, cropped uint8 images of ``subset`` (one augmented view, or the eval view)."""
         images = self.datamodule.image_dataset(subset, train=view is not None, pixels=True)
+        if subset not in self.image_digests:
+            self.image_digests[subset] = _samples_digest(self.datamodule.split[subset])
         key = {
-            "images": _samples_digest(self.datamodule.split[subset]),
+            "images": self.image_digests[subset],
             "transform": repr(images.transform),
             "view": None if view is None else [self.seed, view],
         }

@@ -40,25 +40,33 @@ def median_seconds(run, batch, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def inference_runtime(model: nn.Module, example: torch.Tensor, runtime: str) -> tuple[Callable, str]:
-    """The model as ``runtime`` runs it, if it gives eager's logits; else eager (and a log line).
+def inference_runtime(model: nn.Module, examples: tuple[torch.Tensor, ...], runtime: str) -> tuple[Callable, str]:
+    """The model as ``runtime`` runs it, if it gives eager's logits on every example; else eager (and a log line).
 
-    ``torchscript``: traced, frozen and ``optimize_for_inference`` (conv-BN folding, oneDNN layouts):
-    1.5-1.6x faster than eager at batch 1 on this CPU (docs/inference_paths.txt), in seconds.
-    ``compile``: ``torch.compile``, about as fast here but 30-60 s of compiling per run.
+    ``compile``: ``torch.compile`` with inductor's freezing (weights become constants, BN folded, oneDNN
+    weights pre-packed): the fastest PyTorch path on this CPU (docs/inference_paths.txt), but 20-50 s
+    of compiling per input shape, so it is warmed here on each example shape.
+    ``torchscript``: traced, frozen and ``optimize_for_inference``: slower than ``compile``, ready in seconds.
     """
     model = model.eval()
     if runtime == "eager":
         return model, "eager"
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            # TorchScript is deprecated in favour of torch.compile, which costs 30-60 s per run here.
+            # TorchScript is deprecated in favour of torch.compile, which costs 20-50 s per shape here.
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*")
             if runtime == "torchscript":
-                fast = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
+                fast = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, examples[0])))
+                diff = max((fast(x) - model(x)).abs().max().item() for x in examples)
             else:
-                fast = torch.compile(model)
-            diff = (fast(example) - model(example)).abs().max().item()
+                from torch._inductor import config as inductor_config
+
+                fast = torch.compile(model, dynamic=False)
+                # Compiling happens at each shape's first call, so freezing must be on for those calls,
+                # under inference_mode as median_seconds times it (compiled under no_grad, dynamo's
+                # dispatch-key guard fails there and silently recompiles without freezing: 1.7x slower).
+                with inductor_config.patch(freezing=True), torch.inference_mode():
+                    diff = max((fast(x) - model(x)).abs().max().item() for x in examples)
     except Exception as exc:  # noqa: BLE001 -- any model the runtime cannot take is timed eagerly
         log.warning("profile.runtime=%s failed for this model (%s: %s); timing eager PyTorch", runtime, type(exc).__name__, exc)
         return model, "eager"
@@ -71,9 +79,10 @@ def inference_runtime(model: nn.Module, example: torch.Tensor, runtime: str) -> 
 def inference_speed(model: nn.Module, image_size: int, batch_size: int, warmup: int, repeats: int, runtime: str = "eager") -> dict:
     """ms/image at batch 1 (the reference study's figure) and images/s at ``batch_size``, in eval mode."""
     one_batch = torch.rand(1, 3, image_size, image_size)
-    run, used = inference_runtime(model, one_batch, runtime)
+    many_batch = torch.rand(batch_size, 3, image_size, image_size)
+    run, used = inference_runtime(model, (one_batch, many_batch), runtime)
     one = median_seconds(run, one_batch, warmup, repeats)
-    many = median_seconds(run, torch.rand(batch_size, 3, image_size, image_size), warmup, repeats)
+    many = median_seconds(run, many_batch, warmup, repeats)
     return {
         "ms_per_image": one * 1e3,
         "images_per_s": batch_size / many,

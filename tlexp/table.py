@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tlexp.errors import TlexpError
+from tlexp.plotting import pyplot
 
 # The reference study's columns in its order, then ours. (header, metrics.json key, format)
 COLUMNS = [
@@ -86,11 +87,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def accuracy_vs_speed(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = [r for r in rows if r.get("status") == "completed" and r.get("ms_per_image") is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     span = max((r["ms_per_image"] for r in done), default=1) - min((r["ms_per_image"] for r in done), default=0) or 1
@@ -116,11 +113,7 @@ def accuracy_vs_speed(rows: list[dict], path: Path) -> None:
 
 
 def curves(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     switches = set()
     for row in (r for r in rows if r.get("history")):
