@@ -15,6 +15,7 @@ from tlexp.backbones import build_backbone
 from tlexp.data import ImageDataModule
 from tlexp.feature_cache import FeatureStore
 from tlexp.module import TransferModule
+from tlexp.prefix_features import PrefixRunner
 from tlexp.prefix_split import NotSplittable, split_frozen_prefix
 from tlexp.strategies import modules_to_unfreeze, parse_strategy
 
@@ -128,15 +129,34 @@ def _full_model_val_loss(run_dir):
     return float(sum(losses) / sum(sizes))
 
 
-@pytest.mark.parametrize("strategy", ["blocks_2", "layers_5"])
-def test_cached_training_reports_what_the_model_computes(tmp_path, tiny_tree, data_cache_dir, strategy):
+@pytest.mark.parametrize(("strategy", "compile_from"), [("blocks_2", "null"), ("layers_5", "null"), ("blocks_2", "0")])
+def test_cached_training_reports_what_the_model_computes(tmp_path, tiny_tree, data_cache_dir, strategy, compile_from):
     """The last epoch's val loss, computed on cached prefix values, is the full model's on images."""
     run = tmp_path / "run"
-    train(run, tiny_tree, "model=resnet18", f"strategy={strategy}", "finetune.phase_b_epochs=2")
+    train(
+        run, tiny_tree, "model=resnet18", f"strategy={strategy}", "finetune.phase_b_epochs=2",
+        f"perf.compile_prefix_min_images={compile_from}", "data.batch_size=16",  # 21 train images: a short last batch
+    )
     log = (run / "train.log").read_text()
     assert "phase A: frozen prefix cached up to" in log and "phase B: frozen prefix cached up to" in log
+    assert log.count("frozen prefix: compiled") == (2 if compile_from == "0" else 0)
     last = read_metrics(run)["history"][-1]
     assert last["val_loss"] == pytest.approx(_full_model_val_loss(run), rel=2e-3)
+
+
+def test_a_prefix_that_does_not_compile_runs_eagerly(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    caplog.set_level("INFO")
+    prefix = _Counting()
+    runner = PrefixRunner(prefix, torch.contiguous_format, batch_size=4, compile_it=True)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.inference_mode():
+        values = runner(x)
+    assert [v.shape[0] for v in values] == [3, 3] and torch.equal(values[1], x[:, :1])
+    assert "perf.compile_prefix_min_images: compile failed" in caplog.text and "frozen prefix: eager" in caplog.text
 
 
 def test_rows_that_share_a_prefix_share_its_entries(tmp_path, tiny_tree, data_cache_dir):

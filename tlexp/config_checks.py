@@ -27,6 +27,7 @@ NUMERIC = {
     "data.augment.cached_views.phase_a": (INT, 0, None, False),
     "data.augment.cached_views.phase_b": (INT, 0, None, False),
     "perf.cache_budget_gb": (NUMBER, 0.0, None, False),
+    "perf.compile_prefix_min_images": (INT, 0, None, True),
     "tune.min_lr": (NUMBER, 1e-12, None, False),
     "tune.max_lr": (NUMBER, 1e-12, None, False),
     "tune.num_training": (INT, 2, None, False),

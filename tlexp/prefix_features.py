@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from tlexp.feature_cache import FeatureStore
 from tlexp.prefix_split import NotSplittable, PrefixSplit, split_frozen_prefix
 from tlexp.preprocessing import to_model_input
+from tlexp.profiling import inference_runtime
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,30 @@ class ViewDataset(Dataset):
         return self.images[(index, (self.base + index) % (2**63))]
 
 
+class PrefixRunner:
+    """The frozen prefix as the cache builder runs it: eager, or compiled at its first batch.
+
+    Compiling (torch.compile with inductor freezing, checked against eager) costs 20-50 s and makes
+    the prefix 1.4-1.7x faster at batch 32 on a 2-core CPU, so it is worth it only for many images.
+    Batches are padded to one shape: a short last batch would otherwise compile again.
+    """
+
+    def __init__(self, prefix: nn.Module, layout: torch.memory_format, batch_size: int, compile_it: bool):
+        self.prefix, self.layout, self.batch_size = prefix, layout, batch_size
+        self.run = None if compile_it else prefix
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = x.contiguous(memory_format=self.layout)
+        if self.run is self.prefix:
+            return self.prefix(x)
+        n = len(x)
+        full = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])]) if n < self.batch_size else x
+        if self.run is None:
+            self.run, used = inference_runtime(self.prefix, (full,), "compile", setting="perf.compile_prefix_min_images")
+            log.info("frozen prefix: %s", "compiled" if used == "compile" else "eager")
+        return tuple(v[:n] for v in self.run(full))
+
+
 class _Pixels(Dataset):
     def __init__(self, pixels: torch.Tensor, transform):
         self.pixels = pixels
@@ -106,7 +131,8 @@ class PrefixFeatures:
     """
 
     def __init__(
-        self, module, datamodule, store: FeatureStore, trainable_at: Callable, views: dict[str, int], seed: int, num_workers: int
+        self, module, datamodule, store: FeatureStore, trainable_at: Callable, views: dict[str, int], seed: int,
+        num_workers: int, compile_min_images: int | None = None,
     ):
         self.module = module
         self.datamodule = datamodule
@@ -117,6 +143,8 @@ class PrefixFeatures:
         self.num_workers = num_workers
         self.splits: dict[str, tuple[PrefixSplit, str] | None] = {}
         self.image_digests: dict[str, str] = {}  # subset -> _samples_digest, once per run (stats every file)
+        self.compile_min_images = compile_min_images  # None: never compile the prefix
+        self.runners: dict[str, PrefixRunner] = {}
 
     def _split(self, phase: str, trainable) -> tuple[PrefixSplit, str] | None:
         if phase not in self.splits:
@@ -158,10 +186,19 @@ class PrefixFeatures:
         key = {"prefix": hashlib.sha256(split.prefix.code.encode()).hexdigest(), "weights": weights, "pixels": pixels_key}
         inputs = _Pixels(pixels, to_model_input(self.datamodule.preprocessing))
         label = f"phase {phase} {subset}" + ("" if view is None else f" view {view + 1}/{views}")
-        layout = self.module.memory_format
         with eval_mode(split.prefix):
-            tensors = self.store.get(key, lambda x: split.prefix(x.contiguous(memory_format=layout)), inputs, label)
+            tensors = self.store.get(key, self._runner(phase, split.prefix), inputs, label)
         return CachedPrefixDataset(phase, tensors, [s.label for s in self.datamodule.split[subset]])
+
+
+    def _runner(self, phase: str, prefix: nn.Module) -> PrefixRunner:
+        """One per phase, shared by its views and subsets; compiled if the phase runs enough images through it."""
+        if phase not in self.runners:
+            split = self.datamodule.split
+            images = len(split["train"]) * max(self.views[phase], 1) + len(split["val"]) + len(split["test"])
+            worth = self.compile_min_images is not None and images >= self.compile_min_images
+            self.runners[phase] = PrefixRunner(prefix, self.module.memory_format, self.store.batch_size, worth)
+        return self.runners[phase]
 
 
 def _samples_digest(samples) -> str:

@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("eager", "torchscript", "compile")
-# Largest logit difference from eager that still counts as the same model (fp32 reordering only).
+# Largest difference from eager, relative to the output's scale (at least 1), that still counts as
+# the same model (fp32 reordering only).
 VERIFY_TOLERANCE = 1e-3
 
 
@@ -40,8 +41,16 @@ def median_seconds(run, batch, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def inference_runtime(model: nn.Module, examples: tuple[torch.Tensor, ...], runtime: str) -> tuple[Callable, str]:
-    """The model as ``runtime`` runs it, if it gives eager's logits on every example; else eager (and a log line).
+def max_relative_diff(fast, eager) -> float:
+    """Largest |fast - eager| over one output or a tuple of them, relative to eager's scale (at least 1)."""
+    pairs = zip(fast, eager) if isinstance(eager, tuple | list) else [(fast, eager)]
+    return max(((f - e).abs().max() / e.abs().max().clamp(min=1)).item() for f, e in pairs)
+
+
+def inference_runtime(
+    model: nn.Module, examples: tuple[torch.Tensor, ...], runtime: str, setting: str = "profile.runtime"
+) -> tuple[Callable, str]:
+    """The model as ``runtime`` runs it, if it gives eager's outputs on every example; else eager (and a log line).
 
     ``compile``: ``torch.compile`` with inductor's freezing (weights become constants, BN folded, oneDNN
     weights pre-packed): the fastest PyTorch path on this CPU (docs/inference_paths.txt), but 20-50 s
@@ -57,7 +66,7 @@ def inference_runtime(model: nn.Module, examples: tuple[torch.Tensor, ...], runt
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*")
             if runtime == "torchscript":
                 fast = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, examples[0])))
-                diff = max((fast(x) - model(x)).abs().max().item() for x in examples)
+                diff = max(max_relative_diff(fast(x), model(x)) for x in examples)
             else:
                 from torch._inductor import config as inductor_config
 
@@ -66,12 +75,12 @@ def inference_runtime(model: nn.Module, examples: tuple[torch.Tensor, ...], runt
                 # under inference_mode as median_seconds times it (compiled under no_grad, dynamo's
                 # dispatch-key guard fails there and silently recompiles without freezing: 1.7x slower).
                 with inductor_config.patch(freezing=True), torch.inference_mode():
-                    diff = max((fast(x) - model(x)).abs().max().item() for x in examples)
-    except Exception as exc:  # noqa: BLE001 -- any model the runtime cannot take is timed eagerly
-        log.warning("profile.runtime=%s failed for this model (%s: %s); timing eager PyTorch", runtime, type(exc).__name__, exc)
+                    diff = max(max_relative_diff(fast(x), model(x)) for x in examples)
+    except Exception as exc:  # noqa: BLE001 -- any model the runtime cannot take runs eagerly
+        log.warning("%s: %s failed for this model (%s: %s); running it eagerly", setting, runtime, type(exc).__name__, exc)
         return model, "eager"
     if diff > VERIFY_TOLERANCE:
-        log.warning("profile.runtime=%s changes the logits by %.2e; timing eager PyTorch", runtime, diff)
+        log.warning("%s: %s changes the outputs by %.2e (relative); running it eagerly", setting, runtime, diff)
         return model, "eager"
     return fast, runtime
 

@@ -116,7 +116,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         views = {"A": cfg.data.augment.cached_views.phase_a, "B": cfg.data.augment.cached_views.phase_b}
         store = FeatureStore.shared(cfg.perf.cache_dir, int(cfg.perf.cache_budget_gb * 1e9), cfg.data.batch_size)
         datamodule.feature_source = PrefixFeatures(
-            module, datamodule, store, finetuning.trainable_at, views, cfg.seed, cfg.data.num_workers
+            module, datamodule, store, finetuning.trainable_at, views, cfg.seed, cfg.data.num_workers,
+            cfg.perf.compile_prefix_min_images,
         )
         trainer_args["reload_dataloaders_every_n_epochs"] = 1  # each epoch asks for its phase's cached view
     trainer = pl.Trainer(
