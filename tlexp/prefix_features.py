@@ -190,7 +190,6 @@ class PrefixFeatures:
             tensors = self.store.get(key, self._runner(phase, split.prefix), inputs, label)
         return CachedPrefixDataset(phase, tensors, [s.label for s in self.datamodule.split[subset]])
 
-
     def _runner(self, phase: str, prefix: nn.Module) -> PrefixRunner:
         """One per phase, shared by its views and subsets; compiled if the phase runs enough images through it."""
         if phase not in self.runners:
