@@ -4,8 +4,8 @@
 
 Each path is tlexp's own (profiling.inference_runtime), checked against eager PyTorch (max |Δlogit|)
 before it is timed; medians of 20 runs after 5 warm-up runs, one path after another in this one
-process, so the ratios are side by side. ONNX Runtime is timed last: its threads spin for a while
-after each call and slow whatever runs next (interleaving the paths made TorchScript look 2x slower).
+process, so the ratios are side by side. ONNX Runtime is timed last: interleaving the paths made
+TorchScript look 2x slower (likely ORT's threads spinning after each call; not measured).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def inference_runtime(
                 fast = torch.compile(model, dynamic=False)
                 # Compiling happens at each shape's first call, so freezing must be on for those calls,
                 # under inference_mode as median_seconds times it (compiled under no_grad, dynamo's
-                # dispatch-key guard fails there and silently recompiles without freezing: 1.7x slower).
+                # dispatch-key guard fails there and silently recompiles outside this patch: unfrozen).
                 with inductor_config.patch(freezing=True), torch.inference_mode():
                     diff = max(max_relative_diff(fast(x), model(x)) for x in examples)
     except Exception as exc:  # noqa: BLE001 -- any model the runtime cannot take runs eagerly
