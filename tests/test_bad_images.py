@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import make_image_tree, read_metrics, train
-from tlexp import image_files
-from tlexp.image_files import find_unreadable, load_rgb
+from tlexp.data import images as image_files
+from tlexp.data.images import find_unreadable, load_rgb
 
 BAD = {"empty.jpg": "zero bytes", "notes.jpg": "a text file", "cut.jpg": "truncated JPEG", "fake.PNG": "not an image"}
 
@@ -79,6 +80,20 @@ def test_unreadable_files_are_found_once_and_remembered(tmp_path, monkeypatch):
     (folder / "empty.jpg").write_bytes(_jpeg_bytes())  # repaired: re-checked, and only it
     assert find_unreadable(paths, verdicts, threads=1).keys() == bad.keys() - {folder / "empty.jpg"}
     assert calls == [folder / "empty.jpg"]
+
+
+def test_a_repair_that_keeps_size_and_mtime_is_checked_again(tmp_path):
+    """Verdicts follow the content: a file rewritten with its old size and mtime (``exiftool -P``) is decoded again."""
+    good = tmp_path / "a.jpg"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(good)
+    original, stat = good.read_bytes(), good.stat()
+    good.write_bytes(b"\0" * len(original))  # broken, same size
+    os.utime(good, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    verdicts = tmp_path / "verdicts.json"
+    assert good in find_unreadable([good], verdicts, threads=1)
+    good.write_bytes(original)  # repaired, same size and mtime again
+    os.utime(good, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert find_unreadable([good], verdicts, threads=1) == {}
 
 
 def _split_rows(run_dir) -> dict[str, str]:

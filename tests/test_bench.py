@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tlexp import bench
+from scripts import bench
 
 
 def test_bench_writes_report_with_ratios(tmp_path, tiny_tree):
@@ -38,3 +38,24 @@ def test_bench_keeps_the_cases_it_did_not_rerun(tmp_path, monkeypatch):
     assert cases["lite0_frozen"]["command"] == "python -m tlexp.bench old"
     assert cases["resnet50_blocks_2"]["ratio"]["phase_b_steady_epoch"] == 4.0
     assert "python -m tlexp.bench old" in (report / "bench.md").read_text()
+
+
+def test_gpu_bench_report_has_rows_ratio_and_machine(tmp_path):
+    """scripts/bench_gpu.py's report (the sweeps themselves need a GPU: make bench-gpu)."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    row = {"fit_and_test_s": 10.0, "phase_a_s": 2.0, "phase_b_s": 7.0, "train_images_per_s": 900.0, "peak_gpu_memory_mib": 1500.0,
+           "test_acc": 0.9, "ms_per_image": 1.5, "runtime": "cudagraph", "precision": "32-true"}
+    results = {"naive": {"wall_s": 600.0, "mean_test_acc": 0.93, "rows": {"frozen": row}},
+               "fast": {"wall_s": 100.0, "mean_test_acc": 0.925, "rows": {"frozen": row}}}
+    info = {"gpu": "NVIDIA H100", "cpu_cores": 16, "torch": "2.11", "cuda": "13.0", "python": "3.12"}
+    bench_gpu.write_report(tmp_path, results, info, "python scripts/bench_gpu.py --root x")
+    text = (tmp_path / "bench_gpu.md").read_text()
+    assert "**6.00x**" in text and "(-0.50 points)" in text and "NVIDIA H100" in text
+    assert "| frozen | naive | 10.0 | 2.0 | 7.0 | 900 | 1,500 | 90.00 % | 1.50 | cudagraph | 32-true |" in text
+    assert json.loads((tmp_path / "bench_gpu.json").read_text())["results"]["fast"]["wall_s"] == 100.0

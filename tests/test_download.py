@@ -7,8 +7,9 @@ import tarfile
 import pytest
 
 from tests.conftest import make_image_tree
-from tlexp.download import download_and_extract, sha256sum
+from tlexp.data.download import download_and_extract
 from tlexp.errors import TlexpError
+from tlexp.record import file_digest
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def archive(tmp_path):
 
 def test_download_verifies_and_extracts(tmp_path, archive):
     root = tmp_path / "cache" / "flower_photos"
-    download_and_extract(archive.as_uri(), sha256sum(archive), root)
+    download_and_extract(archive.as_uri(), file_digest(archive), root)
     assert sorted(p.name for p in root.iterdir()) == ["daisy", "roses"]
     assert len(list((root / "daisy").iterdir())) == 3
     assert (root.parent / "flower_photos.tgz").exists()
@@ -43,9 +44,9 @@ def test_unreachable_url_says_how_to_work_offline(tmp_path):
 
 
 def test_datamodule_downloads_only_when_root_is_missing(tmp_path, archive, compose_cfg):
-    from tlexp.data import ImageDataModule
+    from tlexp.data.datamodule import ImageDataModule
 
-    cfg = compose_cfg(f"data.root={tmp_path}/cache/flower_photos", f"data.url={archive.as_uri()}", f"data.sha256={sha256sum(archive)}")
+    cfg = compose_cfg(f"data.root={tmp_path}/cache/flower_photos", f"data.url={archive.as_uri()}", f"data.sha256={file_digest(archive)}")
     dm = ImageDataModule(cfg.data, seed=0)
     dm.setup()
     assert dm.class_names == ["daisy", "roses"]

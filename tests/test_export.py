@@ -9,9 +9,9 @@ import onnxruntime as ort
 import torch
 
 from tests.conftest import run_module
-from tlexp.image_files import load_rgb
+from tlexp.data.images import load_rgb
+from tlexp.data.transforms import eval_transform
 from tlexp.predict import load_model
-from tlexp.preprocessing import eval_transform
 
 
 def test_onnx_and_torchscript_match_pytorch(trained_run, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tlexp.errors import TlexpError
-from tlexp.losses import FocalLoss, build_loss, class_weights
+from tlexp.model.losses import FocalLoss, build_loss, class_weights
 
 
 def test_focal_with_gamma_zero_is_cross_entropy():

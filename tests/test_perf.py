@@ -5,26 +5,26 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import read_metrics, train
-from tlexp import perf
+from tlexp.speed import defaults as perf
 
 
 def test_fast_is_default_and_naive_turns_everything_off(compose_cfg):
     fast, naive = compose_cfg(), compose_cfg("perf=naive")
     assert (fast.perf.name, fast.perf.tune_malloc, fast.perf.channels_last, fast.perf.feature_cache, fast.trainer.precision) == (
-        "fast", True, True, True, "auto"
+        "fast", True, "auto", True, "auto"
     )
     assert (naive.perf.tune_malloc, naive.perf.channels_last, naive.perf.feature_cache, naive.trainer.precision) == (
         False, False, False, "32-true"
     )
     assert compose_cfg("trainer.precision=bf16-mixed").trainer.precision == "bf16-mixed"
-    assert (fast.profile.runtime, naive.profile.runtime) == ("torchscript", "eager")
+    assert (fast.profile.runtime, naive.profile.runtime) == ("auto", "eager")
 
 
 def test_inference_runtime_is_verified_against_eager(monkeypatch):
     import torch
     import torchvision
 
-    from tlexp import profiling
+    from tlexp.speed import timing as profiling
 
     model = torchvision.models.resnet18(num_classes=5).eval()
     x = torch.rand(2, 3, 64, 64)
@@ -51,7 +51,7 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native, expected
 def test_naive_and_fast_runs_agree(tmp_path, tiny_tree):
     """Same seed, same data: the fast kernels change memory layout and allocation, not the numbers.
 
-    (The feature cache changes which augmented views are seen: tests/test_feature_cache.py.)
+    (The feature cache changes which augmented views are seen: tests/test_features.py.)
     """
     args = ("model=resnet18", "strategy=blocks_2", "trainer.precision=32-true")
     train(tmp_path / "fast", tiny_tree, *args, "perf=fast", "perf.feature_cache=false")
@@ -60,3 +60,29 @@ def test_naive_and_fast_runs_agree(tmp_path, tiny_tree):
     assert fast["perf"] == "fast" and naive["perf"] == "naive"
     for key in ("train_loss", "val_loss", "test_loss"):
         assert fast[key] == pytest.approx(naive[key], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_fast_defaults_are_chosen_per_device(monkeypatch, cuda):
+    """On a GPU fp32 NCHW (measured faster there, tlexp/speed/defaults.py); an explicit setting always wins."""
+    import torch
+
+    from tlexp.speed.timing import resolve_runtime
+
+    monkeypatch.setattr(perf.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: True)
+    assert perf.resolve_precision("auto", "auto") == ("32-true" if cuda else "bf16-mixed")
+    assert perf.resolve_precision("auto", "cpu") == "bf16-mixed"
+    assert perf.resolve_channels_last("auto", "auto") is (not cuda)
+    assert perf.resolve_channels_last(True, "auto") is True
+    device = torch.device("cuda" if cuda else "cpu")
+    assert resolve_runtime("auto", device) == ("cudagraph" if cuda else "torchscript")
+    assert resolve_runtime("cudagraph", torch.device("cpu")) == "torchscript"
+    assert resolve_runtime("eager", device) == "eager"
+
+
+def test_the_record_names_the_precision_that_ran(tmp_path, tiny_tree):
+    """fp16 autocast does not exist on a CPU: Lightning runs bf16-mixed, and metrics.json says so."""
+    run = tmp_path / "run"
+    train(run, tiny_tree, "model=resnet18", "strategy=frozen", "trainer.accelerator=cpu", "trainer.precision=16-mixed")
+    assert read_metrics(run)["precision"] == "bf16-mixed"

@@ -7,10 +7,10 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tests.conftest import make_image_tree
-from tlexp.data import ImageDataModule
-from tlexp.finetune import PhasedFinetuning
-from tlexp.module import TransferModule
-from tlexp.strategies import modules_to_unfreeze, parse_strategy
+from tlexp.data.datamodule import ImageDataModule
+from tlexp.model.finetune import PhasedFinetuning
+from tlexp.model.module import TransferModule
+from tlexp.model.strategies import modules_to_unfreeze, parse_strategy
 
 
 def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int):
@@ -21,9 +21,8 @@ def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int):
         class_names=dm.class_names, class_counts=dm.class_counts,
         loss={"name": "ce", "label_smoothing": 0.0, "class_weights": None},
         optim={"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "scheduler": None},
-        backbone_lr_factor=0.1, total_epochs=phase_a + phase_b,
-    )
-    dm.preprocessing = module.backbone_spec.preprocessing.at_size(32)
+        backbone_lr_factor=0.1, total_epochs=phase_a + phase_b, image_size=32,
+    )  # the datamodule takes the model's preprocessing from the trainer
     units = modules_to_unfreeze(module.backbone_spec, parse_strategy(strategy))
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = pl.Trainer(

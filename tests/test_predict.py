@@ -45,6 +45,7 @@ def test_one_file_and_a_glob(trained_run):
     [
         (("ckpt=/nonexistent/best.ckpt", "images=."), "no such file"),
         (("images=/nonexistent/*.jpg",), "no image files found"),
+        (("images=.", "csv=/nonexistent/folder/p.csv"), "csv=/nonexistent/folder/p.csv: the folder /nonexistent/folder does not exist"),
     ],
 )
 def test_bad_input_is_one_clear_error(trained_run, args, message):
@@ -61,3 +62,10 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
     fake.write_text("not a checkpoint")
     result = predict_cli(f"ckpt={fake}", "images=.")
     assert result.returncode == 2 and "not a readable tlexp checkpoint" in result.stderr
+
+
+def test_a_folder_whose_only_image_is_bad(trained_run, tmp_path):
+    _, run = trained_run
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tmp_path}")
+    assert result.returncode == 2 and "none of the 1 file(s) decodes as an image" in result.stderr and "Traceback" not in result.stderr

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tlexp.backbones import build_backbone
-from tlexp.splits import _share, stratified_split
-from tlexp.strategies import blocks, layers, modules_to_unfreeze, parse_strategy
+from tlexp.data.files import _share, stratified_split
+from tlexp.model.backbones import build_backbone
+from tlexp.model.strategies import blocks, layers, modules_to_unfreeze, parse_strategy
 
 ROOT = Path("/data")
 FRACTIONS = st.sampled_from([(0.7, 0.15, 0.15), (0.8, 0.1, 0.1), (0.6, 0.2, 0.2), (0.5, 0.5, 0.0), (1.0, 0.0, 0.0)])

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import SHARED_DATA, read_metrics, run_cli
-from tlexp.backbones import build_imagenet_model
-from tlexp.preprocessing import eval_transform
+from tlexp.data.transforms import eval_transform
+from tlexp.model.backbones import build_imagenet_model
 
 pytestmark = [
     pytest.mark.slow,

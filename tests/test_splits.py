@@ -8,9 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import make_image_tree
-from tlexp.data import ImageDataModule
+from tlexp.data.datamodule import ImageDataModule
+from tlexp.data.files import list_classes, stratified_split
 from tlexp.errors import TlexpError
-from tlexp.splits import list_classes, stratified_split
 
 
 def _split(root, seed=42, fractions=(0.7, 0.15, 0.15), limit=None):
@@ -107,3 +107,25 @@ def test_split_file_is_written(tmp_path):
     dm.setup()
     lines = (tmp_path / "split.csv").read_text().splitlines()
     assert lines[0] == "subset,class,label,path" and len(lines) == 21
+
+
+def test_symlinked_sub_folders_inside_a_class_are_followed(tmp_path):
+    root = make_image_tree(tmp_path / "tree", {"a": 3, "b": 3})
+    extra = make_image_tree(tmp_path / "elsewhere", {"more": 2})
+    (root / "a" / "linked").symlink_to(extra / "more", target_is_directory=True)
+    (root / "b" / "loop").symlink_to(root / "b", target_is_directory=True)  # a cycle is walked once
+    classes = list_classes(root)
+    assert len(classes["a"]) == 5 and len(classes["b"]) == 3
+
+
+def test_a_class_too_small_for_val_and_test_is_named_and_not_scored(tmp_path, caplog):
+    from tests.conftest import read_metrics, train
+
+    root = make_image_tree(tmp_path / "tree", {"big": 12, "tiny": 2})
+    caplog.set_level("WARNING")
+    split = _split(root)
+    assert "class tiny has 2 image(s): none goes to validation or test; its test recall is not measured" in caplog.text
+    assert not [s for s in split["test"] if s.label == 1]
+    run = tmp_path / "run"
+    train(run, root, "model=resnet18", "strategy=frozen")
+    assert read_metrics(run)["test_recall_per_class"]["tiny"] is None

@@ -1,16 +1,16 @@
-"""Strategy definitions: DESIGN.md's trainable-parameter counts, block and layer selection, errors."""
+"""Strategy definitions: the reference study's trainable-parameter counts (docs/architecture.md, Strategies), block and layer selection, errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from tlexp.backbones import build_backbone
 from tlexp.errors import TlexpError
-from tlexp.finetune import phase_b_params
-from tlexp.module import make_head
-from tlexp.strategies import blocks, layers, modules_to_unfreeze, parse_strategy
+from tlexp.model.backbones import build_backbone
+from tlexp.model.finetune import phase_b_params
+from tlexp.model.module import make_head
+from tlexp.model.strategies import blocks, layers, modules_to_unfreeze, parse_strategy
 
-# DESIGN.md, "these definitions" column: torchvision ResNet-50 with a 5-class head.
+# The reference study's counts under these definitions (docs/architecture.md, Strategies): torchvision ResNet-50 with a 5-class head.
 RESNET50_COUNTS = {
     "frozen": 10_245,
     "layers_5": 1_062_917,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import FAST, run_cli
-from tlexp.table import main as table_main
+from tlexp.report.table import main as table_main
 
 QUICK_PROFILE = ("profile.batch_size=4", "profile.warmup=1", "profile.repeats=2")
 
@@ -94,7 +94,7 @@ def test_experiments_define_the_reference_sweeps(experiment, n):
 
 
 def test_reference_study_csv_matches_design_and_compares(tmp_path, capsys):
-    """docs/reference_study.csv is DESIGN.md's table; --compare reads it (rows built by hand here)."""
+    """docs/reference_study.csv is the reference study's table; --compare reads it (rows built by hand here)."""
     from tests.conftest import REPO
 
     sweep = tmp_path / "sweep"

@@ -76,8 +76,9 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "model.head.dropout=1.5"], ["model.head.dropout must be in [0.0, 1.0)"]),
         (["model=resnet18", "optim.lr=fast"], ["optim.lr must be a number, got 'fast'"]),
         (["model=resnet18", "resume=maybe"], ["resume must be one of false, true, auto"]),
-        (["model=resnet18", "profile.runtime=jit"], ["profile.runtime must be one of eager, torchscript, compile"]),
+        (["model=resnet18", "profile.runtime=jit"], ["profile.runtime must be one of auto, eager, torchscript, compile, cudagraph"]),
         (["model=resnet18", "tune.lr_find=true", "tune.num_training=1"], ["tune.num_training must be >= 2"]),
+        (["model=resnet18", "seed=-1"], ["seed must be in [0, 4294967296), got -1"]),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):
@@ -114,7 +115,20 @@ def test_checkpoint_from_another_model_or_classes_is_refused(tmp_path, tiny_tree
     _assert_clean_failure(other_model, "holds a resnet18", "model=")
     four = make_image_tree(tmp_path / "four", {"a": 4, "b": 4, "c": 4, "d": 4})
     other_classes = train(tmp_path / "r2", four, "model=resnet18", f"ckpt_path={ckpt}", check=False)
-    _assert_clean_failure(other_classes, "was trained on classes")
+    _assert_clean_failure(other_classes, "resuming would change what the run that wrote", f"data.root: '{tiny_tree}' -> '{four}'")
+
+
+def test_a_weights_file_that_is_not_one_or_does_not_fit(tmp_path, tiny_tree):
+    import torchvision
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x80\x04 not a pickle")
+    _assert_clean_failure(train(tmp_path / "r1", tiny_tree, "model=resnet18", f"model.weights={garbage}", check=False),
+                          "is not a PyTorch weights file")
+    other = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), other)
+    _assert_clean_failure(train(tmp_path / "r2", tiny_tree, "model=resnet18", f"model.weights={other}", check=False),
+                          "does not fit ResNet: Unexpected key(s) in state_dict: \"layer1.2.")
 
 
 def test_local_weights_file(tmp_path, tiny_tree):

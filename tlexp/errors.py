@@ -3,3 +3,7 @@
 
 class TlexpError(Exception):
     """Bad input or configuration: the message says what is wrong and what to do."""
+
+
+class RunDirRefused(TlexpError):
+    """A run dir that holds another run (or a running one): refused before anything in it changes."""

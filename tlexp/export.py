@@ -19,12 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tlexp.data.files import SUBSETS
+from tlexp.data.images import load_rgb
+from tlexp.data.transforms import eval_transform
 from tlexp.errors import TlexpError
-from tlexp.image_files import load_rgb
 from tlexp.predict import list_images, load_model
-from tlexp.preprocessing import eval_transform
-from tlexp.profiling import inference_runtime, median_seconds
-from tlexp.splits import SUBSETS
+from tlexp.speed.timing import inference_runtime, median_seconds
 
 log = logging.getLogger("tlexp.export")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -20,12 +20,13 @@ from rich.progress import track
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from tlexp.data import ImageListDataset
+from tlexp.data.datamodule import ImageListDataset
+from tlexp.data.files import IMAGE_EXTENSIONS, Sample
+from tlexp.data.images import bad_image_policy
+from tlexp.data.transforms import Preprocessing, eval_transform
 from tlexp.errors import TlexpError
-from tlexp.image_files import bad_image_policy
-from tlexp.module import TransferModule
-from tlexp.preprocessing import Preprocessing, eval_transform
-from tlexp.splits import IMAGE_EXTENSIONS, Sample
+from tlexp.model.module import TransferModule
+from tlexp.runs import verify_checkpoint
 
 log = logging.getLogger("tlexp.predict")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -35,6 +36,7 @@ def load_model(path: str) -> tuple[TransferModule, Preprocessing]:
     """The trained model in eval mode and its preprocessing, from a tlexp checkpoint."""
     if not Path(path).is_file():
         raise TlexpError(f"ckpt={path}: no such file (use <run dir>/checkpoints/best.ckpt)")
+    verify_checkpoint(Path(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
@@ -42,8 +44,9 @@ def load_model(path: str) -> tuple[TransferModule, Preprocessing]:
         raise TlexpError(f"ckpt={path} is not a readable tlexp checkpoint ({type(exc).__name__}: {exc})") from exc
     if "preprocessing" not in checkpoint:
         raise TlexpError(f"ckpt={path} has no saved preprocessing: it was not written by tlexp-train")
-    # weights=None: the architecture only; every weight comes from the checkpoint.
-    module = TransferModule(**{**hparams, "model": {**hparams["model"], "weights": None}})
+    # weights=None: the architecture only; every weight comes from the checkpoint. The memory layout
+    # is the caller's choice (NCHW here: torch.export cannot take a dynamic batch in channels_last).
+    module = TransferModule(**{**hparams, "model": {**hparams["model"], "weights": None}, "channels_last": False})
     module.load_state_dict(state)
     return module.eval(), Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["preprocessing"].items()})
 
@@ -60,13 +63,24 @@ def list_images(spec: str) -> list[Path]:
     return files
 
 
+def resolve_device(setting: str) -> torch.device:
+    """``auto``: the first CUDA GPU if there is one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(setting)
+    except RuntimeError as exc:
+        raise TlexpError(f"device={setting}: not a device name (auto, cpu, cuda, cuda:1, ...)") from exc
+
+
 @torch.inference_mode()
 def predict(module: TransferModule, pre: Preprocessing, files: list[Path], batch_size: int, num_workers: int) -> torch.Tensor:
-    """Class probabilities, one row per file."""
+    """Class probabilities on the CPU, one row per file; the model runs on the device it is on."""
+    device = module.device
     dataset = ImageListDataset([Sample(f, -1) for f in files], eval_transform(pre))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     batches = track(loader, description="predicting", transient=True) if len(loader) > 1 else loader
-    return torch.cat([module(x).softmax(dim=1) for x, _ in batches])
+    return torch.cat([module(x.to(device, non_blocking=True)).softmax(dim=1).cpu() for x, _ in batches])
 
 
 def write_csv(path: Path, files: list[Path], probs: torch.Tensor, class_names: list[str], top_k: int) -> None:
@@ -95,13 +109,18 @@ def print_table(files: list[Path], probs: torch.Tensor, class_names: list[str], 
 
 def run(cfg: DictConfig) -> None:
     module, pre = load_model(cfg.ckpt)
+    module.to(resolve_device(cfg.device))
     class_names = module.hparams.class_names
     top_k = min(cfg.top_k, len(class_names))
     if top_k < 1:
         raise TlexpError(f"top_k must be >= 1, got {cfg.top_k}")
+    if cfg.csv and not Path(cfg.csv).expanduser().parent.is_dir():  # before any work that would be lost
+        raise TlexpError(f"csv={cfg.csv}: the folder {Path(cfg.csv).expanduser().parent} does not exist")
     files = list_images(str(cfg.images))
     bad = bad_image_policy(files, cfg.on_bad_image, "on_bad_image", None, cfg.num_workers)
     files = [f for f in files if f not in bad]
+    if not files:
+        raise TlexpError(f"images={cfg.images}: none of the {len(bad)} file(s) decodes as an image")
     probs = predict(module, pre, files, cfg.batch_size, cfg.num_workers)
     print_table(files, probs, class_names, top_k, cfg.print_limit)
     if cfg.csv:

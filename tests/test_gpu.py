@@ -1,0 +1,65 @@
+"""End to end on a CUDA GPU (``make test-gpu``); skipped where there is none, as in CI.
+
+Without a GPU, tests/test_devices.py catches the same class of bug on the ``meta`` device.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from tests.conftest import read_metrics, run_module, train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+GPU = ("trainer.accelerator=gpu",)
+
+
+@pytest.mark.parametrize("perf", ["fast", "naive"])
+@pytest.mark.parametrize("strategy", ["frozen", "blocks_2", "full"])
+def test_a_run_trains_and_times_on_the_gpu(tmp_path, tiny_tree, perf, strategy):
+    run = tmp_path / "run"
+    train(run, tiny_tree, *GPU, "model=resnet18", f"strategy={strategy}", f"perf={perf}")
+    metrics = read_metrics(run)
+    assert metrics["status"] == "completed" and metrics["speed_setup"]["device"] == "cuda"
+    assert metrics["cpu"]["speed_setup"]["device"] == "cpu" and metrics["cpu"]["ms_per_image"] > 0
+    assert metrics["peak_gpu_memory_mib"] > 0
+    if perf == "fast":  # fp32 and NCHW on a GPU (tlexp/perf.py); the timed path is CUDA graphs
+        assert metrics["precision"] == "32-true" and metrics["speed_setup"]["runtime"] == "cudagraph"
+    if perf == "fast" and strategy != "full":
+        assert "frozen prefix cached up to" in (run / "train.log").read_text()
+
+
+def test_lr_finder_runs_through_the_gpu_cache(tmp_path, tiny_tree):
+    run = tmp_path / "run"
+    train(run, tiny_tree, *GPU, "model=resnet18", "tune.lr_find=true", "tune.num_training=20")
+    assert read_metrics(run)["lr_find"]["suggestion"] > 0
+
+
+def test_cudagraph_runtime_gives_eager_outputs():
+    import torchvision
+
+    from tlexp.speed.timing import VERIFY_TOLERANCE, inference_runtime
+
+    model = torchvision.models.resnet18(num_classes=5).cuda().eval()
+    x = torch.rand(1, 3, 64, 64, device="cuda")
+    fast, used = inference_runtime(model, (x, x.expand(4, -1, -1, -1).contiguous()), "auto")
+    assert used == "cudagraph"
+    with torch.inference_mode():
+        assert (fast(x) - model(x)).abs().max() < VERIFY_TOLERANCE
+
+
+def test_predict_on_the_gpu_matches_the_test(tmp_path, tiny_tree):
+    run = tmp_path / "run"
+    train(run, tiny_tree, *GPU, "model=resnet18", "strategy=blocks_2")
+    out = tmp_path / "p.csv"
+    result = run_module("tlexp.predict", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tiny_tree}",
+                        f"csv={out}", "num_workers=0", "device=cuda")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(run / "split.csv") as f:
+        test_rows = {str(tiny_tree / r["path"]): r["class"] for r in csv.DictReader(f) if r["subset"] == "test"}
+    with open(out) as f:
+        top1 = {r["path"]: r["top1"] for r in csv.DictReader(f)}
+    correct = sum(top1[p] == label for p, label in test_rows.items())
+    assert correct / len(test_rows) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)

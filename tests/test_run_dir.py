@@ -1,0 +1,153 @@
+"""A run dir holds one run: its record, config, split and checkpoints always describe the same run.
+
+Resuming with another result setting, a new run into a used folder, a second process in the same
+folder and a damaged checkpoint are refused with one line (exit 2), and leave the folder's files as
+the run that owns it wrote them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import make_image_tree, read_metrics, run_module, train
+from tlexp.callbacks.run_identity import CHECKPOINT_KEY
+from tlexp.record import file_digest
+
+SCHEDULE = ("model=resnet18", "strategy=blocks_2")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_image_tree(tmp_path_factory.mktemp("rundir") / "images", {"red": 10, "green": 10, "blue": 10})
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tree):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(run, tree, *SCHEDULE)
+    return run
+
+
+def _snapshot_without_metrics(run):
+    files = [run / "split.csv", run / ".hydra" / "config.yaml", run / ".hydra" / "overrides.yaml", run / "checkpoints" / "best.ckpt"]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def _snapshot(run):
+    return _snapshot_without_metrics(run) | {"metrics.json": (run / "metrics.json").read_bytes()}
+
+
+def test_record_config_split_and_checkpoint_describe_one_run(finished):
+    metrics = read_metrics(finished)
+    run = metrics["run"]
+    assert (finished / ".hydra" / "config.yaml").read_text() == run["hydra_files"]["config.yaml"]
+    assert file_digest(finished / "split.csv") == run["split_digest"]
+    for name in ("best.ckpt", "last.ckpt"):
+        saved = torch.load(finished / "checkpoints" / name, map_location="cpu", weights_only=False)[CHECKPOINT_KEY]
+        assert (saved["config_digest"], saved["split_digest"]) == (run["config_digest"], run["split_digest"])
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("strategy=full", "strategy: 'blocks_2' -> 'full'"), ("seed=7", "seed: 42 -> 7"), ("optim.lr=0.5", "optim.lr: 0.001 -> 0.5")],
+)
+def test_a_resume_that_changes_a_result_setting_is_refused(tmp_path, tree, finished, override, named):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "metrics.json").unlink()  # as if it had been killed after its last epoch
+    before = _snapshot_without_metrics(run)
+    result = train(run, tree, *SCHEDULE, override, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", check=False)
+    assert result.returncode == 2 and "resuming would change what the run that wrote" in result.stderr
+    assert named in result.stderr
+    assert _snapshot_without_metrics(run) == before  # split, Hydra files and checkpoints as the run left them
+    assert not (run / "metrics.json").exists()
+
+
+
+def test_resume_true_on_a_finished_run(tmp_path, tree, finished):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = _snapshot(run)
+    changed = train(run, tree, *SCHEDULE, "resume=true", "data.batch_size=4", check=False)
+    assert changed.returncode == 2 and "data.batch_size: 8 -> 4" in changed.stderr
+    assert _snapshot(run) == before  # .hydra/config.yaml is the finished run's again
+    same = train(run, tree, *SCHEDULE, "resume=true", "data.num_workers=0")  # not a result setting
+    assert "already completed" in (run / "train.log").read_text() and same.returncode == 0
+    assert _snapshot(run) == before
+
+
+def test_a_new_run_into_a_used_folder_is_refused(tmp_path, tree, finished):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = _snapshot(run)
+    result = train(run, tree, *SCHEDULE, "strategy=frozen", check=False)
+    assert result.returncode == 2 and "already holds a run: resume=true continues it" in result.stderr
+    assert _snapshot(run) == before
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_moved_run_resumes_into_its_own_best_checkpoint(tmp_path, tree):
+    first = tmp_path / "first"
+    killed = train(first, tree, *SCHEDULE, "+callbacks.killer._target_=tests.helpers.KillAtEpochStart", "+callbacks.killer.epoch=1", check=False)
+    assert killed.returncode < 0
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    train(moved, tree, *SCHEDULE, "resume=true")
+    assert sorted(p.name for p in (moved / "checkpoints").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]  # no best-v1.ckpt
+    best = torch.load(moved / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == read_metrics(moved)["best_epoch"]
+
+
+def test_a_second_process_in_the_same_run_dir_is_refused(tmp_path, tree):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".tlexp.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running tlexp-train holds it
+        result = train(run, tree, *SCHEDULE, check=False)
+    assert result.returncode == 2 and "another tlexp-train" in result.stderr and "is running in" in result.stderr
+    assert not (run / "metrics.json").exists()
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_caught(tmp_path, tree, finished):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "metrics.json").unlink()
+    last = run / "checkpoints" / "last.ckpt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    train(run, tree, *SCHEDULE, "resume=true")
+    log = (run / "train.log").read_text()
+    assert "last.ckpt is damaged" in log and "digest in last.ckpt.sha256 differs" in log
+    assert (run / "checkpoints" / "last.ckpt.damaged").exists() and read_metrics(run)["status"] == "completed"
+    best = run / "checkpoints" / "best.ckpt"
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    best.write_bytes(bytes(data))
+    predicted = run_module("tlexp.predict", f"ckpt={best}", f"images={tree}")
+    assert predicted.returncode == 2 and "is damaged" in predicted.stderr
+
+
+def test_the_table_names_killed_jobs_and_foreign_records(tmp_path, tree, finished):
+    from tlexp.report.table import load_rows
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(finished, sweep / "0_resnet18_blocks_2")
+    killed = sweep / "1_resnet18_frozen"
+    (killed / ".hydra").mkdir(parents=True)
+    shutil.copy(finished / ".hydra" / "config.yaml", killed / ".hydra" / "config.yaml")
+    edited = sweep / "2_resnet18_blocks_2"
+    shutil.copytree(finished, edited)
+    config = edited / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 42", "seed: 7"))
+    empty = sweep / "3_resnet18_frozen"
+    empty.mkdir()
+    (empty / "metrics.json").write_text("")  # a disk that filled up mid-write, say
+    rows = load_rows(sweep)
+    assert [r["status"] for r in rows] == ["completed", "missing", "mismatch", "unreadable"]
+    assert "killed" in rows[1]["error"] and "another config" in rows[2]["error"]
+    assert "3_resnet18_frozen/metrics.json is not valid JSON" in rows[3]["error"]

@@ -1,0 +1,1 @@
+"""Lightning callbacks of a run: epoch history, per-epoch reseeding, test dashboard, LR finder."""

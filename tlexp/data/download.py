@@ -1,0 +1,65 @@
+"""Checksum-verified, atomic download and extraction of a data-set archive."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from rich.progress import Progress
+
+from tlexp.errors import TlexpError
+from tlexp.record import file_digest
+
+log = logging.getLogger(__name__)
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """Stream ``url`` into ``dest`` with a progress bar."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out, Progress() as bar:
+        task = bar.add_task(f"downloading {Path(url).name}", total=int(response.headers.get("Content-Length") or 0) or None)
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            out.write(chunk)
+            bar.advance(task, len(chunk))
+
+
+def download_and_extract(url: str, sha256: str | None, root: Path) -> None:
+    """Make ``root`` exist by fetching ``url`` (a .tgz holding a top folder named like ``root``).
+
+    The archive lands beside ``root``; it is renamed into place only once its checksum matches, and
+    it is extracted to a temporary folder that is renamed to ``root`` at the end, so an interrupted
+    run never leaves a folder that looks complete.
+    """
+    parent = root.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    archive = parent / Path(url).name
+    if not archive.exists() or (sha256 and file_digest(archive) != sha256):
+        part = archive.with_name(archive.name + ".part")
+        log.info("downloading %s to %s", url, archive)
+        try:
+            _fetch(url, part)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            raise TlexpError(
+                f"could not download {url} ({exc}). Offline? Copy the extracted data set to {root} "
+                "or point data.root at a local copy"
+            ) from exc
+        if sha256 and (actual := file_digest(part)) != sha256:
+            part.unlink()
+            raise TlexpError(f"{url} downloaded with sha256 {actual}, expected {sha256}: corrupt or changed; try again")
+        os.replace(part, archive)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=parent))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")
+        extracted = staging / root.name
+        if not extracted.is_dir():
+            raise TlexpError(f"{archive} has no top-level folder '{root.name}'; set data.root to match the archive")
+        os.replace(extracted, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("extracted %s to %s", archive, root)

@@ -1,0 +1,127 @@
+"""Listing an image tree and splitting it: seeded, stratified, identical on every machine.
+
+Each file's place in its class's order is the SHA-256 of ``seed:relative/path``, so the split does not
+depend on the file system's listing order, the Python version or the platform, and a file keeps
+its rank when unrelated files are added.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlexp.errors import RunDirRefused, TlexpError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SUBSETS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+def _images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, hidden ones left out; symlinked sub-folders are followed (each real folder once)."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        dirnames[:] = [] if real in seen else [d for d in dirnames if not d.startswith(".")]
+        if real not in seen:
+            seen.add(real)
+            found += [Path(dirpath) / f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def check_root(root: Path, hint: str) -> None:
+    if not root.exists():
+        raise TlexpError(f"data root {root} does not exist. {hint}")
+    if not root.is_dir():
+        raise TlexpError(f"data root {root} is a file, not a folder of class sub-folders. {hint}")
+
+
+def list_classes(root: Path) -> dict[str, list[Path]]:
+    """Class name → its image files; errors for a tree that cannot make a classifier."""
+    classes = {d.name: _images(d) for d in _class_dirs(root)}
+    if not classes:
+        raise TlexpError(f"{root} has no class sub-folders: expected {root}/<class name>/<images>")
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise TlexpError(f"class folder(s) with no images under {root}: {', '.join(empty)}. Add images or remove the folder(s)")
+    if len(classes) < 2:
+        raise TlexpError(f"{root} has a single class ({next(iter(classes))}); a classifier needs at least two")
+    return classes
+
+
+def _rank_key(seed: int, root: Path, path: Path) -> str:
+    return hashlib.sha256(f"{seed}:{path.relative_to(root).as_posix()}".encode()).hexdigest()
+
+
+def _share(n: int, fraction: float) -> int:
+    """Images of a class for a val/test subset: at least one when the class has three to spare."""
+    share = round(n * fraction)
+    return max(share, 1) if fraction > 0 and n >= 3 else share
+
+
+def stratified_split(
+    root: Path, classes: dict[str, list[Path]], fractions: tuple[float, float, float], seed: int, limit_per_class: int | None
+) -> dict[str, list[Sample]]:
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] == 0:
+        raise TlexpError(f"data.split must be three non-negative fractions (train, val, test) summing to 1, got {list(fractions)}")
+    out: dict[str, list[Sample]] = {s: [] for s in SUBSETS}
+    for label, (name, files) in enumerate(classes.items()):
+        ranked = sorted(files, key=lambda p: _rank_key(seed, root, p))[:limit_per_class]
+        n_val, n_test = (_share(len(ranked), f) for f in fractions[1:])
+        n_train = len(ranked) - n_val - n_test
+        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(ranked))}
+        for subset, (lo, hi) in bounds.items():
+            out[subset] += [Sample(p, label) for p in ranked[lo:hi]]
+        empty = [subset for subset, n, share in (("validation", n_val, fractions[1]), ("test", n_test, fractions[2])) if n == 0 < share]
+        if empty:
+            log.warning(
+                "class %s has %d image(s): none goes to %s%s (add images)", name, len(ranked), " or ".join(empty),
+                "; its test recall is not measured" if "test" in empty else "",
+            )
+    return out
+
+
+def presplit_classes(root: Path) -> dict[str, dict[str, list[Path]]] | None:
+    """Class files of ``root/{train,val,test}`` when the tree comes already split, else None."""
+    if not (root / "train").is_dir():
+        return None
+    split = {s: list_classes(root / s) for s in SUBSETS if (root / s).is_dir()}
+    if set(split) != set(SUBSETS):
+        raise TlexpError(f"{root} has {sorted(split)}: a pre-split tree needs train/, val/ and test/")
+    names = {s: list(c) for s, c in split.items()}
+    if any(n != names["train"] for n in names.values()):
+        raise TlexpError(f"train/val/test under {root} have different class folders: {names}")
+    return split
+
+
+def write_split(path: Path, root: Path, split: dict[str, list[Sample]], class_names: list[str]) -> None:
+    """split.csv, one row per image; an existing one that records another split is never replaced."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["subset", "class", "label", "path"])
+    for subset, samples in split.items():
+        for s in samples:
+            writer.writerow([subset, class_names[s.label], s.label, s.path.relative_to(root).as_posix()])
+    data = text.getvalue().encode()
+    if path.exists() and path.read_bytes() != data:
+        raise RunDirRefused(
+            f"{path} records another split (other images, classes or seed): it belongs to another run. "
+            "Resume it with its own data, or start a new run in another folder (hydra.run.dir=...)"
+        )
+    path.write_bytes(data)

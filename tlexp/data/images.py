@@ -1,0 +1,96 @@
+"""Reading image files the way every part of tlexp does, and finding those that cannot be read.
+
+Every file is decoded in full once before a run (a truncated JPEG only fails when its pixels are
+read), so a bad file is skipped or reported up front instead of stopping a run mid-epoch; the
+verdicts are remembered by path and content digest, so later runs decode only what changed (an
+edit that keeps the size and modification time, as ``exiftool -P`` does, is a change too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from tlexp.errors import TlexpError
+from tlexp.record import file_digest
+
+log = logging.getLogger(__name__)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """8-bit RGB, upright: EXIF rotation applied; grey, palette, RGBA, CMYK converted; 16-bit scaled.
+
+    PIL's own ``convert("RGB")`` clips 16-bit grey values at 255 (a nearly white image): scale first.
+    """
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
+def decode_error(path: Path) -> str | None:
+    """Why ``path`` is not a usable image, or None when it decodes."""
+    try:
+        load_rgb(path)
+    except Exception as exc:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def find_unreadable(paths: list[Path], verdicts_file: Path | None, threads: int) -> dict[Path, str]:
+    """Path -> reason for every file in ``paths`` that does not decode (PIL releases the GIL: threads)."""
+    known = _load(verdicts_file)
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL on large buffers too
+        stamps = dict(zip(paths, pool.map(file_digest, paths)))
+    todo = [p for p in paths if known.get(str(p), {}).get("stamp") != stamps[p]]
+    if todo:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for path, error in zip(todo, pool.map(decode_error, todo)):
+                known[str(path)] = {"stamp": stamps[path], "error": error}
+        log.info("decoded %d new or changed images in %.1f s to check them", len(todo), time.perf_counter() - start)
+        _save(verdicts_file, known)
+    return {p: known[str(p)]["error"] for p in paths if known[str(p)]["error"] is not None}
+
+
+def bad_image_policy(paths: list[Path], policy: str, option: str, verdicts_file: Path | None, threads: int, root: Path | None = None) -> dict[Path, str]:
+    """The files that do not decode, handled as ``policy`` says: ``error`` raises, ``skip`` logs them once.
+
+    Returns them (empty when all decode) for the caller to leave out; ``option`` names the config
+    key in the messages, ``root`` shortens the listed paths.
+    """
+    bad = find_unreadable(paths, verdicts_file, threads)
+    if not bad:
+        return bad
+    listing = "\n".join(f"  {p.relative_to(root) if root else p}: {why}" for p, why in sorted(bad.items()))
+    where = f" under {root}" if root else ""
+    if policy == "error":
+        raise TlexpError(f"{len(bad)} file(s){where} do not decode as images:\n{listing}\nFix or remove them, or set {option}=skip")
+    log.warning("skipping %d file(s) that do not decode as images (%s=skip):\n%s", len(bad), option, listing)
+    return bad
+
+
+def _load(verdicts_file: Path | None) -> dict:
+    if verdicts_file is None or not verdicts_file.exists():
+        return {}
+    try:
+        return json.loads(verdicts_file.read_text())
+    except (OSError, ValueError):  # a damaged verdict file only costs a re-check
+        return {}
+
+
+def _save(verdicts_file: Path | None, known: dict) -> None:
+    if verdicts_file is None:
+        return
+    verdicts_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = verdicts_file.with_name(f".{verdicts_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, verdicts_file)  # parallel jobs: the last writer wins, every version is whole

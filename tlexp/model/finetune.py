@@ -1,0 +1,89 @@
+"""Phase A / phase B unfreezing, built on Lightning's ``BaseFinetuning`` helpers.
+
+Design choice (why not ``unfreeze_and_add_param_group``): the optimizer holds both named groups,
+``head`` and ``backbone``, from the first step; freezing is ``requires_grad`` alone (frozen params get
+no gradient, so optimizers skip them). The phase is derived from the epoch number on every epoch
+start, so a resumed run re-applies it: this sidesteps Lightning #21901, where a resumed
+``BaseFinetuning`` leaves unfrozen modules frozen.
+
+Under DDP (Lightning #20340): DistributedDataParallel registers only the parameters that require
+gradients when it wraps the model, so parameters unfrozen later would never be all-reduced and the
+ranks would drift apart. The switch therefore re-wraps the model, which also broadcasts rank 0's
+weights and buffers: every rank starts phase B from the same state with the same trainable set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pytorch_lightning.callbacks import BaseFinetuning
+from pytorch_lightning.strategies import DDPStrategy
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tlexp.callbacks.dashboard import tensorboard_writers
+from tlexp.model.strategies import Unit
+
+log = logging.getLogger(__name__)
+
+
+def trainable_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def phase_b_params(head: nn.Module, units: list[Unit]) -> int:
+    """Trainable parameters of phase B: the head plus every unit's parameters, each counted once."""
+    unique = {id(p): p for u in units for m in u.modules for p in m.parameters()}
+    return sum(p.numel() for p in head.parameters()) + sum(p.numel() for p in unique.values())
+
+
+class PhasedFinetuning(BaseFinetuning):
+    """Backbone frozen for ``phase_a_epochs``, then ``units`` trainable (at the backbone group's LR)."""
+
+    def __init__(self, units: list[Unit], phase_a_epochs: int):
+        super().__init__()
+        self.units = units
+        self.phase_a_epochs = phase_a_epochs
+        self._phase: str | None = None
+
+    def phase_at(self, epoch: int) -> str:
+        return "B" if self.units and epoch >= self.phase_a_epochs else "A"
+
+    def trainable_at(self, epoch: int) -> tuple[str, list[nn.Module]]:
+        """The phase of ``epoch`` and the backbone modules it trains."""
+        phase = self.phase_at(epoch)
+        return phase, [m for unit in self.units for m in unit.modules] if phase == "B" else []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":  # testing a checkpoint needs no freezing (and no phase log line)
+            super().setup(trainer, pl_module, stage)
+
+    def freeze_before_training(self, pl_module) -> None:
+        self._apply("A", pl_module, epoch=0)
+
+    def finetune_function(self, pl_module, current_epoch: int, optimizer) -> None:
+        phase = self.phase_at(current_epoch)
+        if phase != self._phase:
+            self._apply(phase, pl_module, current_epoch)
+        pl_module.log("finetune/phase_b", float(phase == "B"), on_epoch=True, on_step=False)
+        pl_module.log("finetune/trainable_params", float(trainable_params(pl_module)), on_epoch=True, on_step=False)
+
+    def _apply(self, phase: str, pl_module, epoch: int) -> None:
+        self.freeze(pl_module.backbone, train_bn=False)
+        self.make_trainable(self.trainable_at(epoch)[1])
+        pl_module.train(pl_module.training)  # puts frozen BatchNorm back in eval mode
+        _rewrap_ddp(pl_module.trainer)
+        self._phase = phase
+        names = ", ".join(u.name for u in self.units) if phase == "B" else "none (head only)"
+        message = f"phase {phase} from epoch {epoch}: backbone modules unfrozen: {names}; trainable parameters: {trainable_params(pl_module):,}"
+        log.info("%s", message)
+        for writer in tensorboard_writers(pl_module.trainer):
+            writer.add_text("finetune/phase", message, global_step=pl_module.trainer.global_step)
+
+
+def _rewrap_ddp(trainer) -> None:
+    """Wrap the model in a new DDP, which registers the parameters trainable now (module docstring)."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = strategy.model.module
+        strategy.configure_ddp()

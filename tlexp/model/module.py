@@ -1,0 +1,155 @@
+"""TransferModule: a pretrained backbone, a new head, the loss, metrics and named optimizer groups."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+
+from tlexp.data.transforms import Preprocessing
+from tlexp.features.cut import cut_frozen_prefix
+from tlexp.model.backbones import build_backbone
+from tlexp.model.losses import build_loss
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def make_head(feature_dim: int, num_classes: int, hidden_dim: int | None, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    if hidden_dim:
+        layers += [nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True)]
+        feature_dim = hidden_dim
+    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+
+
+class TransferModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        class_names: list[str],
+        class_counts: list[int],
+        loss: dict,
+        optim: dict,
+        backbone_lr_factor: float,
+        total_epochs: int,
+        image_size: int | None = None,
+        channels_last: bool = False,
+    ):
+        """``image_size``: the crop size trained at (default: the weights'); ``channels_last``: NHWC tensors."""
+        super().__init__()
+        self.save_hyperparameters()
+        built = build_backbone(model["source"], model["name"], model["weights"])
+        self.backbone_spec = built
+        self.backbone = built.body
+        num_classes = len(class_names)
+        self.head = make_head(built.feature_dim, num_classes, model["head"]["hidden_dim"], model["head"]["dropout"])
+        self.criterion = build_loss(loss, class_counts)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.test_recall = MulticlassRecall(num_classes, average="none")
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)
+        self.test_results: dict = {}
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
+        # The images it is fed (the weights' preprocessing at image_size); saved in checkpoints for tlexp-predict.
+        self.preprocessing: Preprocessing = built.preprocessing.at_size(image_size)
+        # The head's rate; Lightning's LR finder (tune.use_suggestion) sets it under this name.
+        self.learning_rate: float = optim["lr"]
+        # trainable parameters -> graph from the frozen-prefix cache's values to pooled features. A plain
+        # dict, outside the module tree: it shares the backbone's modules, and the checkpoint keys stay the backbone's.
+        self._suffixes: dict[frozenset[int], nn.Module] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["preprocessing"] = self.preprocessing.as_dict()
+
+    def train(self, mode: bool = True):
+        """Frozen BatchNorm stays in eval mode (running statistics untouched), as Keras does."""
+        super().train(mode)
+        if mode:
+            for m in self.backbone.modules():
+                if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def forward(self, x: torch.Tensor | dict) -> torch.Tensor:
+        """Images, or the values the frozen prefix computed from them (``{"inputs": [...]}``, tlexp/features/)."""
+        if isinstance(x, dict):
+            # Cached values arrive in their stored dtype (fp16 where exact enough): widened per batch.
+            return self.head(self._suffix()(*(self._layout(v.float()) for v in x["inputs"])))
+        return self.head(self.backbone(self._layout(x)))
+
+    def _suffix(self) -> nn.Module:
+        """The backbone from the cut in front of what trains now: the same cut the cache was built at."""
+        trainable = [p for p in self.backbone.parameters() if p.requires_grad]
+        key = frozenset(id(p) for p in trainable)
+        if key not in self._suffixes:
+            self._suffixes[key] = cut_frozen_prefix(self.backbone_spec, trainable).suffix
+        return self._suffixes[key]
+
+    def _step(self, batch, stage: str, accuracy) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        accuracy(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss, logits
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", self.train_acc)[0]
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        _, logits = self._step(batch, "test", self.test_acc)
+        for metric in (self.test_f1, self.test_recall, self.test_confmat):
+            metric.update(logits, batch[1])
+        return logits  # for tlexp.callbacks.dashboard's misclassified grid
+
+    def on_test_epoch_end(self) -> None:
+        f1 = self.test_f1.compute()
+        recall = self.test_recall.compute()
+        confusion = self.test_confmat.compute()
+        tested = confusion.sum(dim=1) > 0  # a class with no test image has no recall (not 0.0)
+        self.log("test/f1_macro", f1)
+        for name, value, seen in zip(self.hparams.class_names, recall, tested):
+            if seen:
+                self.log(f"test/recall/{name}", value)
+        self.test_results = {
+            "test_f1_macro": float(f1),
+            "test_recall_per_class": {n: v if seen else None for n, v, seen in zip(self.hparams.class_names, recall.tolist(), tested)},
+            "confusion_matrix": confusion.tolist(),
+        }
+        for metric in (self.test_f1, self.test_recall, self.test_confmat):
+            metric.reset()
+
+    def configure_optimizers(self):
+        cfg = self.hparams.optim
+        lr = self.learning_rate
+        groups = [
+            {"name": "head", "params": list(self.head.parameters()), "lr": lr},
+            {"name": "backbone", "params": list(self.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_factor},
+        ]
+        kwargs = {"weight_decay": cfg["weight_decay"]}
+        if cfg["name"] == "sgd":
+            kwargs.update(momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+        optimizer = OPTIMIZERS[cfg["name"]](groups, lr=lr, **kwargs)
+        if cfg["scheduler"] is None:
+            return optimizer
+        # cosine over the whole run: each group decays from its own base learning rate
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.hparams.total_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+

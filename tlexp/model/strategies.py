@@ -1,0 +1,197 @@
+"""Which backbone modules a fine-tuning strategy unfreezes in phase B (the reference study's definitions).
+
+- ``layers_N``: the modules behind the last N operations of the backbone's traced graph (Keras's
+  layer count: conv, norm, activation, residual add, ...), up to the last op before global pooling.
+- ``blocks_N``: the last N architectural blocks (ResNet bottlenecks, inverted-residual blocks with
+  stem and last conv, VGG stages, ViT encoder layers, timm's own block grouping).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from tlexp.errors import TlexpError
+from tlexp.model.backbones import Backbone
+
+_PATTERN = re.compile(r"^(frozen|full|(layers|blocks)_(\d+))$")
+NAMED = ("frozen", "layers_5", "layers_10", "layers_40", "blocks_2", "blocks_4", "blocks_10", "full")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    kind: str  # frozen | full | layers | blocks
+    n: int = 0
+
+    @property
+    def trains_backbone(self) -> bool:
+        return self.kind != "frozen"
+
+
+def parse_strategy(name: str) -> Strategy:
+    match = _PATTERN.match(str(name))
+    if not match or (match.group(3) is not None and int(match.group(3)) < 1):
+        raise TlexpError(f"unknown strategy '{name}': use one of {', '.join(NAMED)}, or layers_N / blocks_N with N >= 1")
+    if match.group(2):
+        return Strategy(name=name, kind=match.group(2), n=int(match.group(3)))
+    return Strategy(name=name, kind=name)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A named group of modules that is unfrozen together (one block, or one traced op)."""
+
+    name: str
+    modules: tuple[nn.Module, ...]
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _expand_sequentials(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Open plain Sequential/ModuleList containers (stages), keep everything else whole."""
+    out = []
+    for name, module in named:
+        if type(module) in (nn.Sequential, nn.ModuleList):
+            out += _expand_sequentials([(f"{name}.{child}", m) for child, m in module.named_children()])
+        else:
+            out.append((name, module))
+    return out
+
+
+def _units(named: list[tuple[str, nn.Module]]) -> list[Unit]:
+    return [Unit(n, (m,)) for n, m in _expand_sequentials(named) if _has_params(m)]
+
+
+def _vit_layers(body: nn.Module) -> list[Unit]:
+    return [Unit(f"encoder.layers.{n}", (m,)) for n, m in body.encoder.layers.named_children()]
+
+
+def _vgg_stages(body: nn.Module) -> list[Unit]:
+    """A VGG block is a stage: the convolutions up to and including a max-pool."""
+    stages, current = [], []
+    for module in body.features:
+        current.append(module)
+        if isinstance(module, nn.MaxPool2d):
+            stages.append(Unit(f"features.stage{len(stages) + 1}", tuple(current)))
+            current = []
+    return stages
+
+
+def _resnet_blocks(body: nn.Module) -> list[Unit]:
+    return _units([(f"layer{i}", getattr(body, f"layer{i}")) for i in range(1, 5)])
+
+
+# Per-architecture knowledge, one row per torchvision family (first match wins): what its blocks
+# are. A family without a row: the children of its ``features`` (MobileNet, EfficientNet, ...), else
+# of the body. timm models need no row: each declares its own grouping (``group_matcher``).
+TORCHVISION_BLOCKS = (
+    (torchvision.models.VisionTransformer, _vit_layers),
+    (torchvision.models.VGG, _vgg_stages),
+    (torchvision.models.ResNet, _resnet_blocks),
+)
+
+
+def _torchvision_blocks(body: nn.Module) -> list[Unit]:
+    for family, blocks_of in TORCHVISION_BLOCKS:
+        if isinstance(body, family):
+            return blocks_of(body)
+    return _units([("features", body.features)] if hasattr(body, "features") else list(body.named_children()))
+
+
+def _timm_blocks(body: nn.Module) -> list[Unit]:
+    from timm.models import group_modules
+
+    groups = group_modules(body, body.group_matcher(coarse=False))
+    units = []
+    for names in groups.values():
+        modules = tuple(body.get_submodule(n) for n in names)
+        if any(_has_params(m) for m in modules):
+            owners = dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else n for n in names)
+            units.append(Unit(",".join(owners), modules))
+    return units
+
+
+def blocks(backbone: Backbone) -> list[Unit]:
+    body = backbone.body
+    return _timm_blocks(body) if backbone.source == "timm" else _torchvision_blocks(body)
+
+
+class _Tracer(fx.Tracer):
+    """FX tracer that keeps timm's untraceable modules (e.g. 'same' padding) as leaves.
+
+    Stochastic depth is a leaf too: traced through, its ``if self.training`` would be frozen into
+    the graph, and a graph reused for training and evaluation must leave that choice to run time.
+    """
+
+    def __init__(self, source: str):
+        leaves, functions = (torchvision.ops.StochasticDepth,), ()
+        if source == "timm":
+            from timm.layers import DropPath, get_notrace_functions, get_notrace_modules
+
+            leaves, functions = (*leaves, DropPath, *get_notrace_modules()), tuple(get_notrace_functions())
+        super().__init__(autowrap_functions=functions)
+        self._leaf_types = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def _spatial(node: fx.Node) -> bool:
+    """True while the op still sees a grid (N,C,H,W with H*W > 1) or a token sequence (N,L,D with L > 1)."""
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if shape is None or len(shape) < 3:
+        return False
+    return (shape[1] if len(shape) == 3 else math.prod(shape[2:])) > 1
+
+
+def trace(backbone: Backbone) -> fx.Graph:
+    """The body's graph, traced in eval mode (leaves decide train/eval behaviour at run time)."""
+    body = backbone.body
+    was_training = body.training
+    try:
+        return _Tracer(backbone.source).trace(body.eval())
+    finally:
+        body.train(was_training)
+
+
+def layers(backbone: Backbone) -> list[Unit]:
+    """The body's traced ops in execution order, up to the last op before global pooling."""
+    body = backbone.body
+    graph = trace(backbone)
+    module = fx.GraphModule(body, graph)
+    size = backbone.preprocessing.crop_size
+    was_training = body.training
+    with torch.no_grad():
+        ShapeProp(module.eval()).propagate(torch.zeros(1, 3, size, size))
+    body.train(was_training)
+    ops = [n for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    last_spatial = max(i for i, n in enumerate(ops) if _spatial(n))
+    units = []
+    for node in ops[: last_spatial + 1]:
+        modules = (body.get_submodule(node.target),) if node.op == "call_module" else ()
+        units.append(Unit(node.name if not modules else str(node.target), modules))
+    return units
+
+
+def modules_to_unfreeze(backbone: Backbone, strategy: Strategy) -> list[Unit]:
+    """Phase B's trainable units for ``strategy``; a clear error when N exceeds what exists."""
+    if strategy.kind == "frozen":
+        return []
+    if strategy.kind == "full":
+        return [Unit("backbone", (backbone.body,))]
+    units = blocks(backbone) if strategy.kind == "blocks" else layers(backbone)
+    if strategy.n > len(units):
+        raise TlexpError(
+            f"strategy {strategy.name}: {backbone.name} has only {len(units)} {strategy.kind}; "
+            f"use {strategy.kind}_N with N <= {len(units)}, or strategy=full"
+        )
+    return units[-strategy.n :]

@@ -1,0 +1,171 @@
+"""metrics.json, the record of one run: its schema, its one writer and its reader.
+
+A record always says ``status``: ``completed`` (every result key), ``failed`` (``error``: the
+message) or ``interrupted`` (``error``: how to resume). Light on imports: ``tlexp-table`` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger("tlexp")
+RECORD = "metrics.json"
+STATUSES = ("completed", "failed", "interrupted")
+# The settings that change what a run computes. Everything else (progress bars, workers, paths,
+# loggers, profiling, callbacks) may differ between a run and its resume.
+RESULT_KEYS = (
+    "model", "data", "loss", "optim", "finetune", "strategy", "seed", "perf.feature_cache",
+    "trainer.precision", "trainer.devices", "trainer.strategy", "trainer.sync_batchnorm", "trainer.deterministic",
+    "trainer.gradient_clip_val", "trainer.accumulate_grad_batches",
+)
+NOT_RESULT_KEYS = ("data.num_workers", "data.image_checks")
+# What a resume may change: training longer continues the same run (tests/test_scaling.py's DDP resume).
+EXTENDABLE = ("finetune.phase_b_epochs",)
+
+
+def result_config(cfg) -> dict:
+    """The resolved settings that decide a run's results, flattened to ``key: value``."""
+    flat = {}
+    for key in RESULT_KEYS:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        flat.update(_flatten(key, value))
+    return {k: v for k, v in flat.items() if k not in NOT_RESULT_KEYS}
+
+
+def _flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _flatten(f"{prefix}.{name}", item).items()}
+    return {prefix: value}
+
+
+def config_digest(settings: dict) -> str:
+    """sha256 of ``result_config``'s output: equal digests, same run."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def differences(saved: dict, now: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: saved -> now`` for every result setting that differs (but those in ``ignore``)."""
+    keys = sorted((saved.keys() | now.keys()) - set(ignore))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def run_identity(cfg, run_dir: Path) -> dict:
+    """What makes this run this run: its result settings and their digest, its split, its Hydra files."""
+    settings = result_config(cfg)
+    hydra_dir = run_dir / ".hydra"
+    return {
+        "settings": settings,
+        "config_digest": config_digest(settings),
+        "split_digest": file_digest(run_dir / "split.csv"),
+        "hydra_files": {f.name: f.read_text() for f in sorted(hydra_dir.glob("*.yaml"))} if hydra_dir.is_dir() else {},
+    }
+
+
+def restore_hydra_files(run_dir: Path, identity: dict | None) -> None:
+    """Put back the ``.hydra`` files of the run that owns ``run_dir`` (Hydra rewrites them at every start)."""
+    for name, text in (identity or {}).get("hydra_files", {}).items():
+        tmp = run_dir / ".hydra" / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / ".hydra" / name)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def best_epoch(epochs: list[dict]) -> dict:
+    """The epoch with the highest validation accuracy (first one on ties), as ModelCheckpoint picks: tlexp's one definition."""
+    scored = [e for e in epochs if "val_acc" in e]
+    return max(scored, key=lambda e: e["val_acc"]) if scored else {}
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    """Replace ``run_dir``'s metrics.json in one step (a reader never sees half a file)."""
+    if record.get("status") not in STATUSES:
+        raise ValueError(f"a run record's status is one of {STATUSES}, got {record.get('status')!r}")
+    path = Path(run_dir) / RECORD
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def read_record(path: Path) -> dict:
+    """A metrics.json (the file, or the run folder holding it)."""
+    path = Path(path)
+    return json.loads((path / RECORD if path.is_dir() else path).read_text())
+
+
+def _brief(cfg, run_dir: Path, status: str, error: str) -> dict:
+    return {"status": status, "error": error, "model": cfg.model.name, "strategy": str(cfg.strategy), "seed": cfg.seed,
+            "run_dir": str(run_dir)}
+
+
+def record_failure(cfg, run_dir: Path, exc: BaseException) -> None:
+    """A failed job's record, where the table looks for it, so a sweep shows it as a failed row."""
+    write_record(run_dir, _brief(cfg, run_dir, "failed", f"{type(exc).__name__}: {exc}"))
+
+
+def record_interruption(cfg, run_dir: Path, how: str) -> None:
+    """Say where to resume; a killed job must not look finished (nor like a crash to debug)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    hint = f"resume with ckpt_path={last}" if last.exists() else "no epoch had finished: start it again"
+    write_record(run_dir, _brief(cfg, run_dir, "interrupted", f"stopped by {how}; {hint} (or resume=true)"))
+    log.warning("stopped by %s; %s", how, hint)
+
+
+def completed_record(
+    cfg, run_dir: Path, *, identity: dict, data, module, units, trainable_params: int, epochs: list[dict], test: dict,
+    precision: str, extra: dict,
+) -> dict:
+    """Every result of a finished run: the study's columns, how it was run, and the per-epoch history.
+
+    ``identity``: ``run_identity``'s, as its checkpoints hold it; ``epochs``: ``EpochHistory.epochs``
+    as fitting left them; ``extra``: what only some runs measure (speed, peak GPU memory, the LR
+    finder's result, wall time).
+    """
+    best = best_epoch(epochs)
+    return {
+        "status": "completed",
+        "model": cfg.model.name,
+        "model_source": cfg.model.source,
+        "weights": cfg.model.weights,
+        "strategy": str(cfg.strategy),
+        "seed": cfg.seed,
+        "perf": cfg.perf.name,
+        "feature_cache": {"enabled": cfg.perf.feature_cache, **OmegaConf.to_container(cfg.data.augment.cached_views)},
+        "precision": precision,
+        "num_classes": len(data.class_names),
+        "class_names": data.class_names,
+        "images": {s: len(v) for s, v in data.split.items()},
+        "skipped_images": len(data.skipped),
+        "skipped": data.skipped,
+        "epochs": len(epochs),
+        "phase_a_epochs": cfg.finetune.phase_a_epochs,
+        "phase_b_epochs": cfg.finetune.phase_b_epochs if units else 0,
+        "best_epoch": best.get("epoch"),
+        **{k: best.get(k) for k in ("train_acc", "train_loss", "val_acc", "val_loss")},
+        "test_acc": test["test/acc"],
+        "test_loss": test["test/loss"],
+        **module.test_results,
+        "trainable_params": trainable_params,
+        "trainable_params_phase_a": sum(p.numel() for p in module.head.parameters()),
+        "total_params": sum(p.numel() for p in module.parameters()),
+        "unfrozen_modules": [u.name for u in units],
+        "lr": module.learning_rate,
+        "preprocessing": module.preprocessing.as_dict(),
+        **extra,
+        "run_dir": str(run_dir),
+        "run": identity,
+        "history": epochs,
+    }

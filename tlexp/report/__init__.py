@@ -1,0 +1,1 @@
+"""What people read: per-phase and end-of-run summaries, tlexp-table and its plots, the best trial."""

@@ -1,0 +1,244 @@
+"""The run folder: atomic checkpoints, where a resume starts, and a record of how every job ended."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.rank_zero import rank_zero_only
+from omegaconf.errors import MissingMandatoryValue
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from tlexp.callbacks.run_identity import CHECKPOINT_KEY
+from tlexp.errors import RunDirRefused, TlexpError
+from tlexp.record import (
+    EXTENDABLE,
+    RECORD,
+    differences,
+    file_digest,
+    read_record,
+    record_failure,
+    record_interruption,
+    restore_hydra_files,
+    result_config,
+)
+
+log = logging.getLogger("tlexp")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically next to their final path.
+
+    Lightning's own writer goes through an fsspec transaction whose temporary file lives in the
+    system temp folder: where that is another file system the final move is a copy, and a kill
+    during it leaves a truncated ``last.ckpt``. Here the bytes go to a temporary file in the same
+    folder, are flushed to disk, and replace the old checkpoint in one ``os.replace``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                hashing = _HashingWriter(f)  # the digest of the bytes as they are written: no second read
+                torch.save(checkpoint, hashing)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is an ordinary file
+            sidecar = _sidecar(path)
+            staged = sidecar.with_name(f".{sidecar.name}.tmp")
+            staged.write_text(hashing.digest.hexdigest())
+            os.replace(tmp, path)
+            os.replace(staged, sidecar)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        _sidecar(Path(path)).unlink(missing_ok=True)
+
+
+class _HashingWriter:
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _sidecar(checkpoint: Path) -> Path:
+    """``<name>.sha256``: the checkpoint's digest as written, so a flipped byte is caught before it is loaded."""
+    return checkpoint.with_name(checkpoint.name + ".sha256")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise if ``path`` no longer has the digest it was written with (a checkpoint without one passes)."""
+    sidecar = _sidecar(Path(path))
+    if sidecar.exists() and sidecar.read_text().strip() != file_digest(Path(path)):
+        raise TlexpError(f"{path} is damaged: its bytes changed since it was written (digest in {sidecar.name} differs)")
+
+
+@contextmanager
+def recorded(cfg, run_dir: Path, in_sweep: bool):
+    """However a job ends, its record says so; in a sweep a failed job is recorded and the sweep goes on."""
+    try:
+        yield
+    except RunDirRefused as exc:  # the run dir belongs to another run: its record stays as it is
+        log.error("%s", exc)
+        print(f"tlexp-train: error: {exc}", file=sys.stderr)
+        if not in_sweep:
+            sys.exit(2)
+    except SIGTERMException:  # Lightning stopped after the current batch; last.ckpt holds the last whole epoch
+        record_interruption(cfg, run_dir, "SIGTERM")
+        sys.exit(128 + signal.SIGTERM)
+    except SystemExit as exc:  # Lightning exits 1 after Ctrl+C (SIGINT)
+        if exc.code not in (0, None):
+            record_interruption(cfg, run_dir, "SIGINT")
+        raise
+    except (TlexpError, MissingMandatoryValue) as exc:
+        record_failure(cfg, run_dir, exc)
+        log.error("%s", exc)
+        print(f"tlexp-train: error: {exc}", file=sys.stderr)
+        if not in_sweep:
+            sys.exit(2)
+    except Exception as exc:
+        record_failure(cfg, run_dir, exc)
+        if not in_sweep:
+            raise
+        log.exception("job failed; the sweep goes on")
+
+
+def check_resume_checkpoint(path: str, model_cfg: dict, class_names: list[str]) -> None:
+    """Refuse a checkpoint of another backbone or class set before Lightning fails deep inside."""
+    if not os.path.isfile(path):
+        raise TlexpError(f"ckpt_path={path}: no such file (resume from <run dir>/checkpoints/last.ckpt)")
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+    except Exception as exc:  # any unreadable file gets the same advice
+        raise TlexpError(f"ckpt_path={path} is not a readable Lightning checkpoint ({exc})") from exc
+    saved_model = hparams.get("model", {})
+    _same_model(path, (saved_model.get("source"), saved_model.get("name")), (model_cfg["source"], model_cfg["name"]))
+    if hparams.get("class_names") != class_names:
+        raise TlexpError(
+            f"ckpt_path={path} was trained on classes {hparams.get('class_names')}, this data has {class_names}: "
+            "resume with the same data"
+        )
+
+
+def _same_model(path, theirs: tuple, ours: tuple) -> None:
+    if theirs != ours:
+        raise RunDirRefused(f"ckpt_path={path} holds a {theirs[1]} ({theirs[0]}) model, this run builds {ours[1]}: pass the matching model=")
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """False for a damaged checkpoint, which is renamed ``*.damaged`` (kept, and out of Lightning's way)."""
+    try:
+        verify_checkpoint(path)
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file is skipped the same way
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        _sidecar(path).unlink(missing_ok=True)
+        log.warning("resume: %s is damaged (%s: %s), kept as %s; trying an older checkpoint", path, type(exc).__name__, exc, aside.name)
+        return False
+    return True
+
+
+def resume_point(cfg, run_dir: Path) -> tuple[dict | None, str | None]:
+    """With ``resume=true``: (record of a completed run, None) or (None, the newest intact checkpoint).
+
+    ``last.ckpt`` first, then the others newest first: any epoch-end checkpoint resumes to the same
+    result (tests/test_resume.py), so a damaged ``last.ckpt`` costs time, not correctness.
+    """
+    if cfg.ckpt_path or not cfg.resume:
+        return None, cfg.ckpt_path
+    if (run_dir / RECORD).exists():
+        previous = read_record(run_dir)
+        if previous.get("status") == "completed":
+            return previous, None
+    folder = run_dir / "checkpoints"
+    others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = [p for p in [folder / "last.ckpt", *others] if p.exists()]
+    return None, next((str(p) for p in candidates if _readable_checkpoint(p)), None)
+
+
+@contextmanager
+def locked(run_dir: Path):
+    """One tlexp-train per run dir at a time (rank 0 holds the lock; other DDP ranks join its run)."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".tlexp.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RunDirRefused(
+                f"another tlexp-train (pid {lock.read().strip() or '?'}) is running in {run_dir}: wait for it, "
+                "or give this run another hydra.run.dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:
+    """Refuse, before anything in ``run_dir`` changes, a run that would mix its results with the run already there.
+
+    A completed run or a checkpoint keeps its result settings (a resume may only train longer): a
+    resume that changes one is refused with the list of differences, and a new run in a folder
+    holding a run is refused. A refused run, and a completed one that is skipped, put the folder's
+    ``.hydra`` files (which Hydra has just rewritten) back as that run wrote them.
+    """
+    if rank_zero_only.rank != 0:
+        return
+    if done is not None or ckpt_path:
+        identity = done.get("run") if done is not None else _checkpoint_identity(ckpt_path)
+        owned = done is not None or Path(ckpt_path).resolve().parent.parent == run_dir.resolve()
+        saved, now = (identity or {}).get("settings", {}), result_config(cfg)
+        if identity and ckpt_path:  # the most common mistake first, in the words of the checkpoint check
+            _same_model(ckpt_path, *((s.get("model.source"), s.get("model.name")) for s in (saved, now)))
+        changed = differences(saved, now, ignore=EXTENDABLE) if identity else []
+        if owned and (changed or done is not None):
+            restore_hydra_files(run_dir, identity)
+        if changed:
+            what = f"the completed run in {run_dir}" if done is not None else f"the run that wrote {ckpt_path}"
+            raise RunDirRefused(
+                f"resuming would change what {what} computed: {'; '.join(changed)}. Resume with its settings, or start a "
+                "new run in another folder (hydra.run.dir=...)"
+            )
+        return
+    existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    previous = read_record(run_dir) if (run_dir / RECORD).exists() else {}
+    if existing or previous.get("status") == "completed":
+        restore_hydra_files(run_dir, previous.get("run") or _checkpoint_identity(existing[-1]))
+        raise RunDirRefused(
+            f"{run_dir} already holds a run: resume=true continues it; a new run needs its own folder (hydra.run.dir=...)"
+        )
+
+
+def _checkpoint_identity(path) -> dict | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(CHECKPOINT_KEY)
+    except Exception:  # noqa: BLE001 -- an unreadable checkpoint is refused later with its own message
+        return None
+

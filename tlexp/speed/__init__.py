@@ -1,0 +1,1 @@
+"""Speed: the fast defaults chosen per device, FLOPs, timing and inference runtimes."""

@@ -1,0 +1,73 @@
+"""The Lightning Trainer a run uses: the config's trainer keys, tlexp's callbacks and loggers, and its checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, RichProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from tlexp.callbacks.dashboard import TestDashboard
+from tlexp.callbacks.reseed import ReseedEachEpoch
+from tlexp.errors import TlexpError
+from tlexp.features.cache import FrozenPrefixCache
+from tlexp.model.finetune import PhasedFinetuning
+from tlexp.runs import AtomicCheckpointIO
+from tlexp.speed.defaults import resolve_precision
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, max_epochs: int, finetuning: PhasedFinetuning, *own: Callback) -> pl.Trainer:
+    """The phase callback, the run's ``own`` callbacks, the config's, tlexp's standard ones; the frozen-prefix cache if on."""
+    callbacks = [
+        *(hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None), finetuning, *own,
+        ReseedEachEpoch(cfg.seed), TestDashboard(run_dir, cfg.dashboard.misclassified_images),
+    ]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar())
+    args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    args["precision"] = resolve_precision(args["precision"], args["accelerator"])
+    if cfg.perf.feature_cache:
+        views = {"A": cfg.data.augment.cached_views.phase_a, "B": cfg.data.augment.cached_views.phase_b}
+        callbacks.append(FrozenPrefixCache(
+            finetuning, views, cfg.seed, cfg.perf.cache_dir, int(cfg.perf.cache_budget_gb * 1e9), cfg.data.batch_size,
+            cfg.data.num_workers, cfg.perf.compile_prefix_min_images,
+        ))
+        args["reload_dataloaders_every_n_epochs"] = 1  # each epoch asks for its phase's cached view
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, default_root_dir=run_dir, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        logger=[hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None], **args,
+    )
+    if trainer.world_size > 1:
+        _check_distributed(cfg, trainer)
+    return trainer
+
+
+def _check_distributed(cfg: DictConfig, trainer: pl.Trainer) -> None:
+    """Refuse the DDP set-ups that would silently write to the wrong place or search the wrong thing."""
+    if cfg.tune.lr_find:
+        raise TlexpError("tune.lr_find runs on one device: find the rate with trainer=default, then pass optim.lr=")
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not trainer.strategy.cluster_environment.creates_processes_externally:
+        raise TlexpError(
+            "trainer.strategy=ddp inside a local multirun: Lightning would re-launch this script per rank outside the "
+            "sweep's job folder. Run jobs one at a time, or let the cluster start the ranks "
+            "(hydra/launcher=slurm with tasks_per_node = GPUs, see docs/scaling.md)"
+        )
+
+
+def log_hparams(trainer: pl.Trainer, cfg: DictConfig, record: dict) -> None:
+    """TensorBoard's HParams tab: the run's settings (``lr`` as trained with) against its final metrics."""
+    hparams = {
+        "model": cfg.model.name, "strategy": record["strategy"], "seed": cfg.seed, "lr": record["lr"],
+        "optimizer": cfg.optim.name, "loss": cfg.loss.name, "batch_size": cfg.data.batch_size,
+        "backbone_lr_factor": cfg.finetune.backbone_lr_factor,
+        "phase_a_epochs": cfg.finetune.phase_a_epochs, "phase_b_epochs": cfg.finetune.phase_b_epochs,
+    }
+    final = {f"final/{k}": record[k] for k in ("train_acc", "val_acc", "test_acc", "test_f1_macro") if record[k] is not None}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams, metrics=final)
