@@ -39,8 +39,9 @@ bench: install
 bench-gpu: install
 	$(PY) scripts/bench_gpu.py $(ARGS)
 
+# localhost only; ARGS=--bind_all serves it to other machines too.
 tensorboard: install
-	$(VENV)/bin/tensorboard --logdir outputs --bind_all
+	$(VENV)/bin/tensorboard --logdir outputs $(ARGS)
 
 # Headless Chromium from Debian, for the dashboard screenshot (and its test). Needs root or sudo.
 browser:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.conftest import REPO, read_metrics, train
 
@@ -18,7 +19,8 @@ def dashboard_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dashboard")
     tree = make_image_tree(root / "images", {"red": 12, "green": 12, "blue": 12})
-    train(root / "run", tree, "model=resnet18", "tune.lr_find=true", "tune.num_training=30", "dashboard.misclassified_images=3")
+    train(root / "run", tree, "model=resnet18", "tune.lr_find=true", "tune.num_training=30", "dashboard.misclassified_images=3",
+          "trainer.log_every_n_steps=1")
     return root / "run"
 
 
@@ -39,6 +41,12 @@ def test_tensorboard_shows_rates_phases_and_test_images(dashboard_run):
     backbone = events.Scalars("lr-Adam/backbone")
     assert backbone[0].value == pytest.approx(head[0].value * 0.1)  # finetune.backbone_lr_factor
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    # issue 16: step-level loss, and HParams with every setting that moves results
+    assert "train/loss_step" in tags["scalars"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert {"weight_decay", "scheduler", "label_smoothing", "dropout", "image_size", "augment", "precision", "perf"} <= set(
+        start.session_start_info.hparams
+    )
 
 
 def test_run_dir_keeps_pictures_and_summaries(dashboard_run):

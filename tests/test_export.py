@@ -19,6 +19,7 @@ def test_onnx_and_torchscript_match_pytorch(trained_run, tmp_path):
     ckpt = run / "checkpoints" / "best.ckpt"
     result = run_module("tlexp.export", f"ckpt={ckpt}", f"out={tmp_path}", "speed.repeats=5")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert len((result.stdout + result.stderr).splitlines()) <= 10, result.stdout + result.stderr  # issue 16: the result, not the exporters' chatter
     report = json.loads((tmp_path / "model.json").read_text())
     assert report["verified_on_images"] >= 1 and report["class_names"] == ["blue", "green", "red"]
     assert report["preprocessing"]["crop_size"] == 48 and report["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
@@ -27,7 +28,7 @@ def test_onnx_and_torchscript_match_pytorch(trained_run, tmp_path):
     assert report["speed_batch1_ms"]["torch_runtime"] == "compile" and report["speed_batch1_ms"]["torch_eager"] > 0
 
     # check independently of the tool's own report, on every image of the tree
-    module, pre = load_model(str(ckpt))
+    module, pre, _ = load_model(str(ckpt), channels_last=False)
     images = torch.stack([eval_transform(pre)(load_rgb(p)) for p in sorted(tree.rglob("*.jpg"))])
     with torch.inference_mode():
         expected = module(images).softmax(dim=1)

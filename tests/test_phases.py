@@ -20,7 +20,7 @@ def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int):
         model={"source": "torchvision", "name": "resnet18", "weights": None, "head": {"hidden_dim": None, "dropout": 0.0}},
         class_names=dm.class_names, class_counts=dm.class_counts,
         loss={"name": "ce", "label_smoothing": 0.0, "class_weights": None},
-        optim={"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "scheduler": None},
+        optim={"_target_": "torch.optim.Adam", "lr": 1e-2, "weight_decay": 0.0, "scheduler": None},
         backbone_lr_factor=0.1, total_epochs=phase_a + phase_b, image_size=32,
     )  # the datamodule takes the model's preprocessing from the trainer
     units = modules_to_unfreeze(module.backbone_spec, parse_strategy(strategy))

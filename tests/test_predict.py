@@ -6,8 +6,10 @@ import csv
 import subprocess
 
 import pytest
+import torch
 
 from tests.conftest import read_metrics, run_module
+from tlexp.predict import load_model
 
 
 def predict_cli(*args: str) -> subprocess.CompletedProcess:
@@ -29,6 +31,11 @@ def test_predictions_match_trainer_test(trained_run, tmp_path):
     assert correct / len(test_rows) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)
     row = next(iter(predicted.values()))
     assert sum(float(row[f"p_{c}"]) for c in ("blue", "green", "red")) == pytest.approx(1.0, abs=1e-4)
+    # served as tested: the precision and memory layout the run's test figures were computed in
+    served = load_model(str(run / "checkpoints" / "best.ckpt"))
+    assert served.precision == read_metrics(run)["precision"]
+    assert served.module.memory_format == (torch.channels_last if read_metrics(run)["channels_last"] else torch.contiguous_format)
+    assert f"serving in {served.precision}" in result.stdout + result.stderr
 
 
 def test_one_file_and_a_glob(trained_run):

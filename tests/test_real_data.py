@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import SHARED_DATA, read_metrics, run_cli
+from tests.conftest import SHARED_DATA, read_metrics, run_cli, run_module
 from tlexp.data.transforms import eval_transform
 from tlexp.model.backbones import build_imagenet_model
 
@@ -41,3 +43,16 @@ def test_frozen_efficientnet_lite0_on_tf_flowers(tmp_path):
     metrics = read_metrics(run_dir)
     assert metrics["images"] == {"train": 2568, "val": 551, "test": 551}
     assert metrics["test_acc"] >= 0.87
+    # Issue 15: served with default settings, the checkpoint gives exactly the test accuracy the run
+    # reports (the run tested in its precision and memory layout, e.g. bf16-mixed on an AVX-512 BF16 CPU).
+    test_dir = tmp_path / "test_images"
+    with open(run_dir / "split.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["subset"] == "test"]
+    for i, row in enumerate(rows):
+        (test_dir / row["class"]).mkdir(parents=True, exist_ok=True)
+        (test_dir / row["class"] / f"{i:04d}.jpg").symlink_to(SHARED_DATA / row["path"])
+    served = run_module("tlexp.predict", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", f"images={test_dir}", f"csv={tmp_path / 'p.csv'}")
+    assert served.returncode == 0, served.stderr[-3000:]
+    with open(tmp_path / "p.csv") as f:
+        top1 = [(r["top1"], r["path"].split("/")[-2]) for r in csv.DictReader(f)]
+    assert len(top1) == 551 and sum(p == c for p, c in top1) == round(metrics["test_acc"] * 551)

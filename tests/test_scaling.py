@@ -13,7 +13,8 @@ from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    return make_image_tree(tmp_path_factory.mktemp("scaling") / "images", {"red": 12, "green": 12, "blue": 12})
+    # 5 validation and 5 test images: two DDP ranks cannot take as many each without repeating one
+    return make_image_tree(tmp_path_factory.mktemp("scaling") / "images", {"red": 12, "green": 12, "blue": 9})
 
 
 def test_ddp_ranks_train_the_same_phase_b_parameters(tree, tmp_path):
@@ -31,6 +32,9 @@ def test_ddp_ranks_train_the_same_phase_b_parameters(tree, tmp_path):
     assert moved == trainable  # frozen BatchNorm statistics stay put too
     metrics = read_metrics(tmp_path / "run")
     assert metrics["status"] == "completed" and metrics["unfrozen_modules"] == ["layer4.1"]
+    # issue 15: each test image counted once (Lightning's sampler would pad rank 1 with a repeat)
+    assert metrics["images"]["test"] == 5 and sum(map(sum, metrics["confusion_matrix"])) == 5
+    assert round(metrics["test_acc"] * 5, 6) == round(metrics["test_acc"] * 5)
     written = {p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")}
     assert written == {  # rank 1 adds only its log
         "checkpoints", "csv", "tensorboard", "metrics.json", "split.csv", "model_summary.txt", "summary.txt",

@@ -46,6 +46,22 @@ def test_sweep_of_two_models_and_two_strategies_makes_the_table(tmp_path, tiny_t
     assert phases == [False, True]  # the whole history, not the best checkpoint's copy of it
 
 
+def test_swept_settings_and_the_best_epoch_are_columns(tmp_path, tiny_tree):
+    """Issue 16: a 2 x 2 sweep over optim.lr and strategy gives rows that differ visibly."""
+    sweep = tmp_path / "sweep"
+    result = _sweep(sweep, tiny_tree, "model=resnet18", "optim.lr=0.001,0.01", "strategy=frozen,blocks_1", "profile.enabled=false")
+    assert f"tlexp-table {sweep} --print" in result.stdout
+    assert table_main([str(sweep)]) == 0
+    header = (sweep / "table.md").read_text().splitlines()[0]
+    assert header.startswith("| Model | Strategy | optim.lr | Training Accuracy") and "| Best epoch (phase) |" in header
+    rows = _table_rows(sweep)
+    assert sorted((r["optim.lr"], r["Strategy"]) for r in rows) == [
+        ("0.001", "blocks_1"), ("0.001", "frozen"), ("0.01", "blocks_1"), ("0.01", "frozen"),
+    ]
+    assert all(r["Best epoch (phase)"] in ("0 (A)", "1 (B)") for r in rows if r["Strategy"] == "blocks_1")
+    assert (sweep / "accuracy_vs_cost.png").stat().st_size > 10_000  # one network: accuracy against training cost
+
+
 def test_a_failing_job_does_not_stop_the_sweep_and_resume_skips_done_jobs(tmp_path, tiny_tree):
     sweep = tmp_path / "sweep"
     args = ("model=resnet18", "strategy=frozen,blocks_2,blocks_99,blocks_1")

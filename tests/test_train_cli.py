@@ -168,3 +168,46 @@ def test_outputs_stay_in_the_run_dir_and_the_data_dir(tmp_path, tiny_tree):
     assert list(cwd.iterdir()) == []
     assert {p.name for p in data_dir.iterdir()} == {"feature_cache", "image_checks.json"}
     assert read_metrics(tmp_path / "run")["status"] == "completed"
+
+
+def test_trainer_keys_pass_through(tmp_path, tiny_tree):
+    """Issue 16: any pl.Trainer argument; trainer.max_epochs overrides the phases' sum."""
+    train(tmp_path / "short", tiny_tree, "model=resnet18", "strategy=blocks_1", "trainer.max_epochs=1")
+    assert read_metrics(tmp_path / "short")["epochs"] == 1
+    train(tmp_path / "limited", tiny_tree, "model=resnet18", "+trainer.limit_train_batches=1")
+    assert read_metrics(tmp_path / "limited")["status"] == "completed"
+
+
+@pytest.mark.parametrize("preset", ["fdr", "limit", "overfit", "profiler"])
+def test_debug_presets_run(tmp_path, tiny_tree, preset):
+    """lightning-hydra-template's debug presets: each ends in a completed record."""
+    extra = ["finetune.phase_a_epochs=2", "finetune.phase_b_epochs=1"] if preset == "overfit" else []
+    result = train(tmp_path / "run", tiny_tree, "model=resnet18", f"debug={preset}", *extra)
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["status"] == "completed" and 0.0 <= metrics["test_acc"] <= 1.0
+    if preset == "fdr":
+        assert "no checkpoint was saved" in result.stdout + result.stderr
+    if preset == "profiler":
+        assert "FIT Profiler Report" in result.stdout + result.stderr
+
+
+def test_any_torch_optimizer_and_the_onecycle_schedule(tmp_path, tiny_tree):
+    """Issue 16: optim._target_ names any torch.optim class; onecycle steps per batch, each group peaking at its rate."""
+    train(tmp_path / "sgd", tiny_tree, "model=resnet18", "strategy=full", "optim=sgd", "optim.scheduler=onecycle", "finetune.phase_b_epochs=2")
+    history = read_metrics(tmp_path / "sgd")["history"]
+    heads = [e["lr_head"] for e in history]
+    assert max(heads) <= 0.01 * (1 + 1e-6) and heads[-1] < heads[1]
+    assert all(e["lr_backbone"] == pytest.approx(0.1 * e["lr_head"]) for e in history)
+    train(tmp_path / "rms", tiny_tree, "model=resnet18", "optim._target_=torch.optim.RMSprop", "+optim.alpha=0.95")
+    assert read_metrics(tmp_path / "rms")["status"] == "completed"
+    _assert_clean_failure(
+        train(tmp_path / "bad", tiny_tree, "model=resnet18", "optim=sgd", "optim._target_=torch.optim.RMSprop", check=False),
+        "torch.optim.RMSprop does not take these settings", "nesterov",
+    )
+
+
+def test_cosine_warmup_ramps_then_decays(tmp_path, tiny_tree):
+    train(tmp_path / "run", tiny_tree, "model=resnet18", "strategy=full", "optim.scheduler=cosine", "optim.warmup_epochs=2",
+          "finetune.phase_b_epochs=3")
+    heads = [e["lr_head"] for e in read_metrics(tmp_path / "run")["history"]]
+    assert heads[0] == pytest.approx(1e-4) and heads[1] > heads[0] and heads[2] == pytest.approx(1e-3) and heads[3] < heads[2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from tlexp.errors import TlexpError
+from tlexp.model.optim import SCHEDULERS
 from tlexp.speed.timing import RUNTIMES
 
 INT, NUMBER = "an integer", "a number"
@@ -17,9 +18,11 @@ INT, NUMBER = "an integer", "a number"
 NUMERIC = {
     "seed": (INT, 0, 2**32, False),
     "optim.lr": (NUMBER, 0.0, None, False),
+    "optim.warmup_epochs": (INT, 0, None, False),
     "finetune.backbone_lr_factor": (NUMBER, 0.0, None, False),
     "finetune.phase_a_epochs": (INT, 0, None, False),
     "finetune.phase_b_epochs": (INT, 0, None, False),
+    "trainer.max_epochs": (INT, 1, None, True),
     "data.batch_size": (INT, 1, None, False),
     "data.num_workers": (INT, 0, None, False),
     "data.image_size": (INT, 16, None, True),
@@ -36,7 +39,7 @@ NUMERIC = {
 }
 CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
-    "profile.runtime": RUNTIMES, "perf.channels_last": (True, False, "auto"),
+    "profile.runtime": RUNTIMES, "perf.channels_last": (True, False, "auto"), "optim.scheduler": SCHEDULERS,
 }
 
 

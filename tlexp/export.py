@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -23,11 +24,16 @@ from tlexp.data.files import SUBSETS
 from tlexp.data.images import load_rgb
 from tlexp.data.transforms import eval_transform
 from tlexp.errors import TlexpError
+from tlexp.hydra_config import CONFIG_PATH
 from tlexp.predict import list_images, load_model
 from tlexp.speed.timing import inference_runtime, median_seconds
 
 log = logging.getLogger("tlexp.export")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The exporters' progress chatter (~30 lines per export) would bury the 3-line result; their
+# warnings and errors still show. TorchScript's deprecation is torch's: the format is still served.
+for _chatty in ("onnxscript", "onnx_ir", "torch.onnx", "torch.utils.cpp_extension"):
+    logging.getLogger(_chatty).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
 
 def _images_of_run(ckpt: Path) -> list[Path]:
@@ -44,7 +50,8 @@ def _images_of_run(ckpt: Path) -> list[Path]:
 
 def export(cfg: DictConfig) -> dict:
     ckpt = Path(cfg.ckpt)
-    module, pre = load_model(str(ckpt))
+    # NCHW: torch.export cannot take a dynamic batch in channels_last
+    module, pre, _ = load_model(str(ckpt), channels_last=False)
     model = nn.Sequential(module.backbone, module.head).eval()
     files = list_images(str(cfg.images)) if cfg.images else _images_of_run(ckpt)
     if not files:
@@ -81,7 +88,7 @@ def export(cfg: DictConfig) -> dict:
         batch_dim = torch.export.Dim("batch", min=1, max=1024)
         torch.onnx.export(
             model, (example,), path, input_names=["image"], output_names=["logits"],
-            dynamic_shapes={"input": {0: batch_dim}}, dynamo=True, external_data=False,
+            dynamic_shapes={"input": {0: batch_dim}}, dynamo=True, external_data=False, verbose=False,
         )
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -113,7 +120,7 @@ def _opset(path: Path) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
         report = export(cfg)

@@ -1,7 +1,8 @@
 """``tlexp-predict ckpt=<run>/checkpoints/best.ckpt images=<file|folder|glob>``: top-k classes per image.
 
-The model is rebuilt from the checkpoint alone (architecture, class names and the preprocessing the
-run used), so predictions match what ``trainer.test`` measured; no pretrained weights are fetched.
+The model is rebuilt from the checkpoint alone (architecture, class names, the preprocessing, memory
+layout and precision the run tested with), so predictions match what ``trainer.test`` measured; no
+pretrained weights are fetched.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import csv
 import glob
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.plugins.precision import MixedPrecision
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -25,15 +29,21 @@ from tlexp.data.files import IMAGE_EXTENSIONS, Sample
 from tlexp.data.images import bad_image_policy
 from tlexp.data.transforms import Preprocessing, eval_transform
 from tlexp.errors import TlexpError
+from tlexp.hydra_config import CONFIG_PATH
 from tlexp.model.module import TransferModule
 from tlexp.runs import verify_checkpoint
 
 log = logging.getLogger("tlexp.predict")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def load_model(path: str) -> tuple[TransferModule, Preprocessing]:
-    """The trained model in eval mode and its preprocessing, from a tlexp checkpoint."""
+class Served(NamedTuple):
+    module: TransferModule
+    preprocessing: Preprocessing
+    precision: str  # what the run's test ran in ("32-true" for checkpoints that do not say)
+
+
+def load_model(path: str, channels_last: bool | None = None) -> Served:
+    """The trained model in eval mode, from a tlexp checkpoint; ``channels_last=None``: the run's layout."""
     if not Path(path).is_file():
         raise TlexpError(f"ckpt={path}: no such file (use <run dir>/checkpoints/best.ckpt)")
     verify_checkpoint(Path(path))
@@ -44,11 +54,12 @@ def load_model(path: str) -> tuple[TransferModule, Preprocessing]:
         raise TlexpError(f"ckpt={path} is not a readable tlexp checkpoint ({type(exc).__name__}: {exc})") from exc
     if "preprocessing" not in checkpoint:
         raise TlexpError(f"ckpt={path} has no saved preprocessing: it was not written by tlexp-train")
-    # weights=None: the architecture only; every weight comes from the checkpoint. The memory layout
-    # is the caller's choice (NCHW here: torch.export cannot take a dynamic batch in channels_last).
-    module = TransferModule(**{**hparams, "model": {**hparams["model"], "weights": None}, "channels_last": False})
+    # weights=None: the architecture only; every weight comes from the checkpoint.
+    layout = hparams.get("channels_last", False) if channels_last is None else channels_last
+    module = TransferModule(**{**hparams, "model": {**hparams["model"], "weights": None}, "channels_last": layout})
     module.load_state_dict(state)
-    return module.eval(), Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["preprocessing"].items()})
+    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["preprocessing"].items()})
+    return Served(module.eval(), pre, checkpoint.get("precision", "32-true"))
 
 
 def list_images(spec: str) -> list[Path]:
@@ -73,14 +84,26 @@ def resolve_device(setting: str) -> torch.device:
         raise TlexpError(f"device={setting}: not a device name (auto, cpu, cuda, cuda:1, ...)") from exc
 
 
+def precision_context(precision: str, device: torch.device):
+    """The forward context Lightning's trainer used for ``precision`` (autocast for the mixed ones)."""
+    if precision in ("32-true", "32", "64-true"):
+        return nullcontext()
+    if precision in ("bf16-mixed", "16-mixed"):
+        return MixedPrecision(precision, device.type).forward_context()
+    raise TlexpError(f"precision={precision}: tlexp-predict serves 32-true, bf16-mixed or 16-mixed")
+
+
 @torch.inference_mode()
-def predict(module: TransferModule, pre: Preprocessing, files: list[Path], batch_size: int, num_workers: int) -> torch.Tensor:
-    """Class probabilities on the CPU, one row per file; the model runs on the device it is on."""
+def predict(
+    module: TransferModule, pre: Preprocessing, files: list[Path], batch_size: int, num_workers: int, precision: str = "32-true",
+) -> torch.Tensor:
+    """Class probabilities (fp32, on the CPU), one row per file; the model runs on the device it is on."""
     device = module.device
     dataset = ImageListDataset([Sample(f, -1) for f in files], eval_transform(pre))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     batches = track(loader, description="predicting", transient=True) if len(loader) > 1 else loader
-    return torch.cat([module(x.to(device, non_blocking=True)).softmax(dim=1).cpu() for x, _ in batches])
+    with precision_context(precision, device):
+        return torch.cat([module(x.to(device, non_blocking=True)).float().softmax(dim=1).cpu() for x, _ in batches])
 
 
 def write_csv(path: Path, files: list[Path], probs: torch.Tensor, class_names: list[str], top_k: int) -> None:
@@ -108,7 +131,8 @@ def print_table(files: list[Path], probs: torch.Tensor, class_names: list[str], 
 
 
 def run(cfg: DictConfig) -> None:
-    module, pre = load_model(cfg.ckpt)
+    module, pre, run_precision = load_model(cfg.ckpt)
+    precision = run_precision if cfg.precision == "auto" else cfg.precision
     module.to(resolve_device(cfg.device))
     class_names = module.hparams.class_names
     top_k = min(cfg.top_k, len(class_names))
@@ -121,14 +145,15 @@ def run(cfg: DictConfig) -> None:
     files = [f for f in files if f not in bad]
     if not files:
         raise TlexpError(f"images={cfg.images}: none of the {len(bad)} file(s) decodes as an image")
-    probs = predict(module, pre, files, cfg.batch_size, cfg.num_workers)
+    log.info("serving in %s on %s", precision, module.device)
+    probs = predict(module, pre, files, cfg.batch_size, cfg.num_workers, precision)
     print_table(files, probs, class_names, top_k, cfg.print_limit)
     if cfg.csv:
         write_csv(Path(cfg.csv), files, probs, class_names, top_k)
         log.info("wrote %d predictions to %s", len(files), cfg.csv)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -21,12 +21,12 @@ STATUSES = ("completed", "failed", "interrupted")
 # loggers, profiling, callbacks) may differ between a run and its resume.
 RESULT_KEYS = (
     "model", "data", "loss", "optim", "finetune", "strategy", "seed", "perf.feature_cache",
-    "trainer.precision", "trainer.devices", "trainer.strategy", "trainer.sync_batchnorm", "trainer.deterministic",
+    "trainer.max_epochs", "trainer.precision", "trainer.devices", "trainer.strategy", "trainer.sync_batchnorm", "trainer.deterministic",
     "trainer.gradient_clip_val", "trainer.accumulate_grad_batches",
 )
 NOT_RESULT_KEYS = ("data.num_workers", "data.image_checks")
 # What a resume may change: training longer continues the same run (tests/test_scaling.py's DDP resume).
-EXTENDABLE = ("finetune.phase_b_epochs",)
+EXTENDABLE = ("finetune.phase_b_epochs", "trainer.max_epochs")
 
 
 def result_config(cfg) -> dict:
@@ -145,6 +145,7 @@ def completed_record(
         "perf": cfg.perf.name,
         "feature_cache": {"enabled": cfg.perf.feature_cache, **OmegaConf.to_container(cfg.data.augment.cached_views)},
         "precision": precision,
+        "channels_last": module.hparams.channels_last,
         "num_classes": len(data.class_names),
         "class_names": data.class_names,
         "images": {s: len(v) for s, v in data.split.items()},

@@ -23,17 +23,22 @@ from tlexp.callbacks.lr_finder import find_lr
 from tlexp.callbacks.run_identity import RunIdentity
 from tlexp.config import check_config
 from tlexp.data.datamodule import ImageDataModule
+from tlexp.hydra_config import CONFIG_PATH
 from tlexp.model.finetune import PhasedFinetuning, phase_b_params
 from tlexp.model.module import TransferModule
-from tlexp.model.strategies import modules_to_unfreeze, parse_strategy
+from tlexp.model.strategies import parse_strategy
 from tlexp.report.summaries import phase_table, run_summary, show
-from tlexp.speed.defaults import resolve_channels_last, tune_glibc_malloc
+from tlexp.speed.defaults import tune_glibc_malloc
 from tlexp.speed.timing import gflops_per_image, speed_on_devices
 from tlexp.trainer import build_trainer, log_hparams
 
 log = logging.getLogger("tlexp")
 # Frozen BatchNorm layers are in eval mode on purpose (Keras semantics); Lightning warns about any.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+# Lightning-internal deprecation (its own use of torch's pytree API): nothing a user can change.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Lightning's banner (GPU/TPU available, tips, checkpoint restore notices): the run summary says what matters.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
@@ -43,24 +48,18 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     if cfg.perf.tune_malloc and not tune_glibc_malloc():
         log.info("perf.tune_malloc: not a glibc system, allocator left as it is")
 
-    data = ImageDataModule(cfg.data, seed=cfg.seed, split_file=run_dir / "split.csv")
-    data.setup()
+    parse_strategy(cfg.strategy)  # a bad strategy name fails before any image is listed or backbone built
+    data = ImageDataModule.from_config(cfg, split_file=run_dir / "split.csv")
     identity = record.run_identity(cfg, run_dir)
     if ckpt_path:
         runs.check_resume_checkpoint(ckpt_path, OmegaConf.to_container(cfg.model, resolve=True), data.class_names)
-    strategy = parse_strategy(cfg.strategy)
-    epochs = cfg.finetune.phase_a_epochs + (cfg.finetune.phase_b_epochs if strategy.trains_backbone else 0)
-    module = TransferModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), class_names=data.class_names, class_counts=data.class_counts,
-        loss=OmegaConf.to_container(cfg.loss, resolve=True), optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        backbone_lr_factor=cfg.finetune.backbone_lr_factor, total_epochs=epochs, image_size=cfg.data.image_size,
-        channels_last=resolve_channels_last(cfg.perf.channels_last, cfg.trainer.accelerator),
-    )
-    units = modules_to_unfreeze(module.backbone_spec, strategy)
+    module = TransferModule.from_config(cfg, data)
+    finetuning = PhasedFinetuning.from_config(cfg, module)
+    units = finetuning.units
     show(phase_table(module.head, module.backbone, units), save_as=run_dir / "model_summary.txt")
 
-    finetuning = PhasedFinetuning(units, cfg.finetune.phase_a_epochs)
     history = EpochHistory(finetuning.phase_at)
+    epochs = cfg.trainer.max_epochs or finetuning.epochs
     trainer = build_trainer(cfg, run_dir, epochs, finetuning, history, RunIdentity(identity))
     lr_find = None
     if cfg.tune.lr_find and ckpt_path:
@@ -73,7 +72,10 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     fitted, fit_seconds, after_fit = list(history.epochs), history.elapsed(), time.perf_counter()
     device = trainer.strategy.root_device
     extra = {"peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}
-    test = trainer.test(module, datamodule=data, ckpt_path=trainer.checkpoint_callback.best_model_path, verbose=False)[0]
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best:
+        log.warning("no checkpoint was saved (trainer.fast_dev_run?): testing the weights as fitting left them")
+    test = trainer.test(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
     if not trainer.is_global_zero:  # rank 0 alone measures speed and writes the run's files
         return {"val_acc": record.best_epoch(fitted).get("val_acc")}
 
@@ -93,11 +95,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     return results
 
 
-# conf/ sits at the repository top level; an absolute path keeps Hydra on the file system.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """One job. In a sweep a failing job is recorded and the sweep goes on; alone, it exits non-zero.
 

@@ -17,6 +17,7 @@ from tlexp.callbacks.reseed import ReseedEachEpoch
 from tlexp.errors import TlexpError
 from tlexp.features.cache import FrozenPrefixCache
 from tlexp.model.finetune import PhasedFinetuning
+from tlexp.model.optim import optimizer_name
 from tlexp.runs import AtomicCheckpointIO
 from tlexp.speed.defaults import resolve_precision
 
@@ -30,6 +31,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, max_epochs: int, finetuning: P
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar())
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    args["max_epochs"] = max_epochs
     args["precision"] = resolve_precision(args["precision"], args["accelerator"])
     if cfg.perf.feature_cache:
         views = {"A": cfg.data.augment.cached_views.phase_a, "B": cfg.data.augment.cached_views.phase_b}
@@ -39,7 +41,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, max_epochs: int, finetuning: P
         ))
         args["reload_dataloaders_every_n_epochs"] = 1  # each epoch asks for its phase's cached view
     trainer = pl.Trainer(
-        max_epochs=max_epochs, default_root_dir=run_dir, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         logger=[hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None], **args,
     )
     if trainer.world_size > 1:
@@ -61,10 +63,17 @@ def _check_distributed(cfg: DictConfig, trainer: pl.Trainer) -> None:
 
 def log_hparams(trainer: pl.Trainer, cfg: DictConfig, record: dict) -> None:
     """TensorBoard's HParams tab: the run's settings (``lr`` as trained with) against its final metrics."""
+    augment = cfg.data.augment
     hparams = {
         "model": cfg.model.name, "strategy": record["strategy"], "seed": cfg.seed, "lr": record["lr"],
-        "optimizer": cfg.optim.name, "loss": cfg.loss.name, "batch_size": cfg.data.batch_size,
-        "backbone_lr_factor": cfg.finetune.backbone_lr_factor,
+        "optimizer": optimizer_name(cfg.optim), "weight_decay": cfg.optim.get("weight_decay", 0.0),
+        "scheduler": str(cfg.optim.scheduler), "warmup_epochs": cfg.optim.warmup_epochs,
+        "loss": cfg.loss.name, "label_smoothing": cfg.loss.get("label_smoothing", 0.0), "batch_size": cfg.data.batch_size,
+        "backbone_lr_factor": cfg.finetune.backbone_lr_factor, "dropout": cfg.model.head.dropout,
+        "image_size": record.get("preprocessing", {}).get("crop_size") or str(cfg.data.image_size),
+        "augment": f"hflip={augment.hflip} crop_scale={list(augment.crop_scale)} rotation={augment.rotation} shear={augment.shear}",
+        "cached_views": f"{augment.cached_views.phase_a}/{augment.cached_views.phase_b}" if cfg.perf.feature_cache else "off",
+        "precision": record["precision"], "perf": cfg.perf.name,
         "phase_a_epochs": cfg.finetune.phase_a_epochs, "phase_b_epochs": cfg.finetune.phase_b_epochs,
     }
     final = {f"final/{k}": record[k] for k in ("train_acc", "val_acc", "test_acc", "test_f1_macro") if record[k] is not None}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tlexp import seeds
@@ -90,6 +91,13 @@ class ImageDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self.skipped: dict[str, str] = {}  # relative path -> why it was skipped (data.on_bad_image=skip)
         self._image_loaders: dict[str, DataLoader] = {}
+
+    @classmethod
+    def from_config(cls, cfg, split_file: Path | None = None) -> ImageDataModule:
+        """From a composed config (``tlexp.compose``); lists and splits the images now, so ``class_names`` is known."""
+        data = cls(cfg.data, seed=cfg.seed, split_file=split_file)
+        data.setup()
+        return data
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -173,7 +181,7 @@ class ImageDataModule(pl.LightningDataModule):
         if cached is None and subset in self._image_loaders:
             return self._image_loaders[subset]
         dataset = cached if cached is not None else self.image_dataset(subset, train)
-        sampler = EpochSeededSampler(len(dataset), self.seed, self._current_epoch) if train else None
+        sampler = EpochSeededSampler(len(dataset), self.seed, self._current_epoch) if train else self._evaluation_sampler(dataset)
         workers = 0 if cached is not None else self.cfg.num_workers  # cached tensors are in memory already
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         # Its own generator: the workers' base seed is then not drawn from the global RNG either.
@@ -184,6 +192,17 @@ class ImageDataModule(pl.LightningDataModule):
         if cached is None:
             self._image_loaders[subset] = loader
         return loader
+
+    def _evaluation_sampler(self, dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each validation and test image on one rank, once.
+
+        Lightning's own DistributedSampler pads the last batch with repeated images so every rank has
+        as many: the test figures (accuracy, confusion matrix) would count some images twice.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1 or len(dataset) < trainer.world_size:
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
 
     def _current_epoch(self) -> int:
         """The epoch the next iterator serves: Lightning's own ``set_epoch`` value (epochs processed).

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tlexp.callbacks.dashboard import tensorboard_writers
-from tlexp.model.strategies import Unit
+from tlexp.model.strategies import Unit, modules_to_unfreeze, parse_strategy
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,23 @@ def phase_b_params(head: nn.Module, units: list[Unit]) -> int:
 
 
 class PhasedFinetuning(BaseFinetuning):
-    """Backbone frozen for ``phase_a_epochs``, then ``units`` trainable (at the backbone group's LR)."""
+    """Backbone frozen for ``phase_a_epochs``, then ``units`` trainable (at the backbone group's LR).
 
-    def __init__(self, units: list[Unit], phase_a_epochs: int):
+    ``epochs``: how long the two phases run (phase B only where there are units to unfreeze).
+    """
+
+    def __init__(self, units: list[Unit], phase_a_epochs: int, phase_b_epochs: int = 0):
         super().__init__()
         self.units = units
         self.phase_a_epochs = phase_a_epochs
+        self.epochs = phase_a_epochs + (phase_b_epochs if units else 0)
         self._phase: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg, module) -> PhasedFinetuning:
+        """``cfg.strategy`` applied to ``module``'s backbone, phases as ``cfg.finetune`` says."""
+        units = modules_to_unfreeze(module.backbone_spec, parse_strategy(cfg.strategy))
+        return cls(units, cfg.finetune.phase_a_epochs, cfg.finetune.phase_b_epochs)
 
     def phase_at(self, epoch: int) -> str:
         return "B" if self.units and epoch >= self.phase_a_epochs else "A"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics import MeanMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -17,8 +19,8 @@ from tlexp.data.transforms import Preprocessing
 from tlexp.features.cut import cut_frozen_prefix
 from tlexp.model.backbones import build_backbone
 from tlexp.model.losses import build_loss
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+from tlexp.model.optim import build_optimizer, build_schedule
+from tlexp.speed.defaults import resolve_channels_last
 
 
 def make_head(feature_dim: int, num_classes: int, hidden_dim: int | None, dropout: float) -> nn.Sequential:
@@ -38,11 +40,12 @@ class TransferModule(pl.LightningModule):
         loss: dict,
         optim: dict,
         backbone_lr_factor: float,
-        total_epochs: int,
+        total_epochs: int | None = None,
         image_size: int | None = None,
         channels_last: bool = False,
     ):
-        """``image_size``: the crop size trained at (default: the weights'); ``channels_last``: NHWC tensors."""
+        """``total_epochs``: the length of a cosine schedule (default: the trainer's ``max_epochs``);
+        ``image_size``: the crop size trained at (default: the weights'); ``channels_last``: NHWC tensors."""
         super().__init__()
         self.save_hyperparameters()
         built = build_backbone(model["source"], model["name"], model["weights"])
@@ -51,6 +54,8 @@ class TransferModule(pl.LightningModule):
         num_classes = len(class_names)
         self.head = make_head(built.feature_dim, num_classes, model["head"]["hidden_dim"], model["head"]["dropout"])
         self.criterion = build_loss(loss, class_counts)
+        # torchmetrics states, synced across DDP ranks by count: each image weighs the same in every mean
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -68,8 +73,20 @@ class TransferModule(pl.LightningModule):
         # dict, outside the module tree: it shares the backbone's modules, and the checkpoint keys stay the backbone's.
         self._suffixes: dict[frozenset[int], nn.Module] = {}
 
+    @classmethod
+    def from_config(cls, cfg, data) -> TransferModule:
+        """From a composed config (``tlexp.compose``) and the ``ImageDataModule`` it will train on."""
+        container = lambda node: OmegaConf.to_container(node, resolve=True)
+        return cls(
+            model=container(cfg.model), class_names=data.class_names, class_counts=data.class_counts,
+            loss=container(cfg.loss), optim=container(cfg.optim), backbone_lr_factor=cfg.finetune.backbone_lr_factor,
+            image_size=cfg.data.image_size, channels_last=resolve_channels_last(cfg.perf.channels_last, cfg.trainer.accelerator),
+        )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["preprocessing"] = self.preprocessing.as_dict()
+        if self._trainer is not None:  # the precision its test figures were computed in: tlexp-predict serves in it
+            checkpoint["precision"] = str(self.trainer.precision)
 
     def train(self, mode: bool = True):
         """Frozen BatchNorm stays in eval mode (running statistics untouched), as Keras does."""
@@ -103,12 +120,16 @@ class TransferModule(pl.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         accuracy(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y), sync_dist=True)
+        mean_loss = getattr(self, f"{stage}_loss")
+        mean_loss(loss.detach(), weight=len(y))
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y))
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss, logits
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train", self.train_acc)[0]
+        loss = self._step(batch, "train", self.train_acc)[0]
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False)  # every trainer.log_every_n_steps: the noisy view
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val", self.val_acc)
@@ -143,13 +164,8 @@ class TransferModule(pl.LightningModule):
             {"name": "head", "params": list(self.head.parameters()), "lr": lr},
             {"name": "backbone", "params": list(self.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_factor},
         ]
-        kwargs = {"weight_decay": cfg["weight_decay"]}
-        if cfg["name"] == "sgd":
-            kwargs.update(momentum=cfg["momentum"], nesterov=cfg["nesterov"])
-        optimizer = OPTIMIZERS[cfg["name"]](groups, lr=lr, **kwargs)
-        if cfg["scheduler"] is None:
-            return optimizer
-        # cosine over the whole run: each group decays from its own base learning rate
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.hparams.total_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        optimizer = build_optimizer(cfg, groups, lr)
+        epochs = self.hparams.total_epochs or self.trainer.max_epochs
+        schedule = build_schedule(cfg, optimizer, epochs, lambda: self.trainer.estimated_stepping_batches)
+        return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
 

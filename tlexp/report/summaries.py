@@ -67,6 +67,7 @@ def run_summary(metrics: dict, overrides: list[str]) -> list:
         "best epoch": f"{metrics['best_epoch']}: train {_percent(metrics['train_acc'])}, val {_percent(metrics['val_acc'])}",
         "trainable params": f"{metrics['trainable_params']:,} of {metrics['total_params']:,}",
         "wall time": f"{metrics['wall_time_s']:.0f} s",
+        "ran as": _how_it_ran(metrics),
     }
     if metrics.get("ms_per_image") is not None:
         rows["inference"] = f"{metrics['ms_per_image']:.1f} ms/image at batch 1"
@@ -86,6 +87,14 @@ def run_summary(metrics: dict, overrides: list[str]) -> list:
         Panel(results, title=title, title_align="left", expand=False),
         *(f"{key:<10} {line}" for key, line in commands.items()),
     ]
+
+
+def _how_it_ran(metrics: dict) -> str:
+    """perf preset and what it changed: the settings that can move the numbers (bf16, cached fixed views)."""
+    cache = metrics.get("feature_cache", {})
+    cached = f"frozen-prefix cache ({cache.get('phase_a')}/{cache.get('phase_b')} fixed views)" if cache.get("enabled") else "no cache"
+    layout = "channels_last" if metrics.get("channels_last") else "NCHW"
+    return f"perf={metrics['perf']}: {metrics['precision']}, {layout}, {cached}"
 
 
 @rank_zero_only

@@ -29,8 +29,11 @@ COLUMNS = [
     ("GFLOPs", "gflops", "gflops"),
     ("Total Parameters", "total_params", "int"),
     ("Wall time (s)", "wall_time_s", "secs"),
+    ("Best epoch (phase)", "best_at", "text"),
     ("Seed", "seed", "text"),
 ]
+# Overrides that are columns already (Model, Strategy, Seed) or say where, not what, a job ran.
+NOT_SWEPT = ("model", "strategy", "seed", "data.root", "hydra.", "resume", "ckpt_path")
 SORT_KEYS = {"none", *(key for _, key, _ in COLUMNS)}
 
 
@@ -54,8 +57,37 @@ def load_rows(sweep_dir: Path) -> list[dict]:
     jobs = {f.parent for f in sweep_dir.rglob(RECORD)} | {c.parent.parent for c in sweep_dir.rglob(".hydra/config.yaml")}
     if not any((job / RECORD).exists() for job in jobs):
         raise TlexpError(f"no metrics.json under {sweep_dir}: is it a sweep directory (outputs/multirun/<stamp>)?")
-    rows = [_row(job) | {"job_dir": str(job.relative_to(sweep_dir))} for job in sorted(jobs, key=lambda j: _job_order(j.name))]
-    return [row | {"speed_on": _speed_on(row.get("speed_setup"))} for row in rows]
+    ordered = sorted(jobs, key=lambda j: _job_order(j.name))
+    rows = [_row(job) | {"job_dir": str(job.relative_to(sweep_dir)), "overrides": _overrides(job)} for job in ordered]
+    return [row | {"speed_on": _speed_on(row.get("speed_setup")), "best_at": _best_at(row)} for row in rows]
+
+
+def _overrides(job: Path) -> dict[str, str]:
+    """The job's command-line overrides (``.hydra/overrides.yaml``), ``key -> value``."""
+    path = job / ".hydra" / "overrides.yaml"
+    items = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else []
+    return dict(item.lstrip("+~").split("=", 1) for item in items if "=" in item)
+
+
+def swept(rows: list[dict]) -> list[str]:
+    """Override keys whose value differs between jobs: the settings a sweep compares (``optim.lr``, ...)."""
+    keys = sorted({k for r in rows for k in r["overrides"] if not k.startswith(NOT_SWEPT)})
+    return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
+
+
+def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The study's columns, with the swept settings right after Model and Strategy."""
+    return [*COLUMNS[:2], *((key, f"swept:{key}", "text") for key in swept(rows)), *COLUMNS[2:]]
+
+
+def _cell(row: dict, key: str):
+    return row["overrides"].get(key[len("swept:"):], "default") if key.startswith("swept:") else row.get(key)
+
+
+def _best_at(row: dict) -> str | None:
+    """``epoch (phase)`` of the best validation epoch: a fine-tuning row may have peaked in phase A."""
+    best = next((e for e in row.get("history", []) if e.get("epoch") == row.get("best_epoch")), None)
+    return None if best is None else f"{best['epoch']} ({'B' if best.get('phase_b') else 'A'})"
 
 
 def _row(job: Path) -> dict:
@@ -87,79 +119,103 @@ def _job_order(name: str):
     return (0, int(head), name) if head.isdigit() else (1, 0, name)
 
 
-def formatted(rows: list[dict]) -> list[list[str]]:
+def formatted(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[list[str]]:
     out = []
+    first_metric = [key for _, key, _ in cols].index("train_acc")
     for row in rows:
         if row.get("status") != "completed":
-            cells = [_fmt(row.get(key), kind) if key in ("model", "strategy", "seed") else "" for _, key, kind in COLUMNS]
-            cells[2] = f"FAILED: {row.get('error', 'unknown error')}".replace("|", "/").splitlines()[0][:120]
+            cells = [_fmt(_cell(row, key), kind) if key in ("model", "strategy", "seed") or key.startswith("swept:") else ""
+                     for _, key, kind in cols]
+            cells[first_metric] = f"FAILED: {row.get('error', 'unknown error')}".replace("|", "/").splitlines()[0][:120]
             out.append(cells)
         else:
-            out.append([_fmt(row.get(key), kind) for _, key, kind in COLUMNS])
+            out.append([_fmt(_cell(row, key), kind) for _, key, kind in cols])
     return out
 
 
 def markdown(rows: list[dict]) -> str:
-    header = [h for h, _, _ in COLUMNS]
-    align = ["---" if kind == "text" else "---:" for _, _, kind in COLUMNS]
-    lines = ["| " + " | ".join(r) + " |" for r in [header, align, *formatted(rows)]]
+    cols = columns(rows)
+    header = [h for h, _, _ in cols]
+    align = ["---" if kind == "text" else "---:" for _, _, kind in cols]
+    lines = ["| " + " | ".join(r) + " |" for r in [header, align, *formatted(rows, cols)]]
     return "\n".join(lines) + "\n"
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     """Raw numbers (fractions, not percentages) so the CSV feeds other tools without parsing."""
+    cols = columns(rows)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([h for h, _, _ in COLUMNS] + ["Status", "Error", "Job"])
+        writer.writerow([h for h, _, _ in cols] + ["Status", "Error", "Job"])
         for row in rows:
-            writer.writerow([row.get(key, "") for _, key, _ in COLUMNS] + [row.get("status"), row.get("error", ""), row["job_dir"]])
+            cells = ["" if (value := _cell(row, key)) is None else value for _, key, _ in cols]
+            writer.writerow(cells + [row.get("status"), row.get("error", ""), row["job_dir"]])
 
 
-def accuracy_vs_speed(rows: list[dict], path: Path) -> None:
+def _label(row: dict, keys: list[str]) -> str:
+    return " · ".join([f"{row['model']} · {row['strategy']}", *(f"{k}={row['overrides'].get(k, 'default')}" for k in keys)])
+
+
+def accuracy_plot(rows: list[dict], sweep_dir: Path) -> str:
+    """Test accuracy against inference time where the networks differ; else against training cost.
+
+    The strategies of one backbone are the same network at inference (only which weights trained
+    differs), so their ms/image differ by timing noise alone: such a sweep is plotted against
+    trainable parameters and training wall time instead. Returns the file's name.
+    """
     plt = pyplot()
-    done = [r for r in rows if r.get("status") == "completed" and r.get("ms_per_image") is not None]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    span = max((r["ms_per_image"] for r in done), default=1) - min((r["ms_per_image"] for r in done), default=0) or 1
-    groups: list[dict] = []  # rows on (nearly) the same spot share one label instead of overprinting
-    for row in done:
-        x, y = row["ms_per_image"], 100 * row["test_acc"]
-        ax.scatter(x, y, s=36)
-        near = next((g for g in groups if abs(x - g["x"]) < 0.03 * span and abs(y - g["y"]) < 0.15), None)
-        if near is None:
-            groups.append({"x": x, "y": y, "labels": [f"{row['model']} · {row['strategy']}"]})
-        else:
-            near["labels"].append(row["strategy"])
-    for group in groups:
-        ax.annotate(" / ".join(group["labels"]), (group["x"], group["y"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.margins(x=0.15, y=0.08)
-    ax.set_xlabel("inference speed (ms/image, batch 1)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy against inference time, one point per run")
-    ax.grid(alpha=0.3)
+    done = [r for r in rows if r.get("status") == "completed"]
+    keys = swept(rows)
+    one_network = len({r.get("model") for r in done}) <= 1
+    axes_spec = (
+        [("trainable_params", "trainable parameters (log scale)", True), ("wall_time_s", "training wall time (s)", False)]
+        if one_network else [("ms_per_image", "inference speed (ms/image, batch 1)", False)]
+    )
+    fig, axes = plt.subplots(1, len(axes_spec), figsize=(7 * len(axes_spec), 5.5), squeeze=False)
+    for ax, (key, xlabel, log_x) in zip(axes[0], axes_spec):
+        for row in (r for r in done if r.get(key) is not None):
+            ax.scatter(row[key], 100 * row["test_acc"], s=36)
+            ax.annotate(_label(row, keys), (row[key], 100 * row["test_acc"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        if log_x:
+            ax.set_xscale("log")
+        ax.margins(x=0.15, y=0.08)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    what = "what training costs (one network at inference)" if one_network else "inference time"
+    fig.suptitle(f"Test accuracy against {what}, one point per run")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    name = "accuracy_vs_cost.png" if one_network else "accuracy_vs_speed.png"
+    fig.savefig(sweep_dir / name, dpi=120)
     plt.close(fig)
+    return name
 
 
 def curves(rows: list[dict], path: Path) -> None:
+    """Accuracy and loss per epoch, training dashed and validation solid, one colour per run."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    switches = set()
-    for row in (r for r in rows if r.get("history")):
-        epochs = [e["epoch"] + 1 for e in row["history"] if "val_acc" in e]
-        ax.plot(epochs, [100 * e["val_acc"] for e in row["history"] if "val_acc" in e], marker=".",
-                label=f"{row['model']} · {row['strategy']}")
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(13, 5.5))
+    keys, switches = swept(rows), set()
+    for i, row in enumerate(r for r in rows if r.get("history")):
+        colour = f"C{i % 10}"
+        epochs = [e["epoch"] for e in row["history"]]
+        for ax, metric, scale in ((acc, "acc", 100), (loss, "loss", 1)):
+            for subset, style in (("train", "--"), ("val", "-")):
+                values = [scale * e[f"{subset}_{metric}"] if e.get(f"{subset}_{metric}") is not None else None for e in row["history"]]
+                ax.plot(epochs, values, style, color=colour, marker=".", alpha=0.85,
+                        label=_label(row, keys) if (subset, metric) == ("val", "acc") else None)
         if row.get("phase_b_epochs"):
-            switches.add(row["phase_a_epochs"] + 0.5)
-    for x in sorted(switches):
-        ax.axvline(x, color="grey", linestyle="--", linewidth=1)
-        ax.text(x, ax.get_ylim()[0], " phase B →", color="grey", fontsize=8, va="bottom")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Validation accuracy per epoch (dashed: backbone unfrozen)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, ncol=2)
+            switches.add(row["phase_a_epochs"] - 0.5)
+    for ax, ylabel in ((acc, "accuracy (%)"), (loss, "loss")):
+        for x in sorted(switches):
+            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("epoch (dotted: phase B starts)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    acc.set_title("Accuracy per epoch (solid: validation, dashed: training)")
+    loss.set_title("Loss per epoch (solid: validation, dashed: training)")
+    if acc.get_legend_handles_labels()[0]:
+        acc.legend(fontsize=7, ncol=1 + len(rows) // 8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -215,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(rows)
         (args.sweep_dir / "table.md").write_text(table)
         write_csv(rows, args.sweep_dir / "table.csv")
-        accuracy_vs_speed(rows, args.sweep_dir / "accuracy_vs_speed.png")
+        plot = accuracy_plot(rows, args.sweep_dir)
         curves(rows, args.sweep_dir / "curves.png")
         if args.show:
             print(table)
@@ -225,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tlexp-table: error: {exc}", file=sys.stderr)
         return 2
     failed = sum(r.get("status") != "completed" for r in rows)
-    print(f"{len(rows)} rows ({failed} failed) → {args.sweep_dir}/table.md, table.csv, accuracy_vs_speed.png, curves.png")
+    print(f"{len(rows)} rows ({failed} failed) → {args.sweep_dir}/table.md, table.csv, {plot}, curves.png")
     return 0
 
 

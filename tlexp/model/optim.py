@@ -1,0 +1,54 @@
+"""The optimizer named by ``optim._target_`` and the learning-rate schedule, from the optim config.
+
+Built here rather than by ``hydra.utils.instantiate``: the parameter groups exist only once the
+model does, and the schedule needs the run's length.
+"""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import get_class
+
+from tlexp.errors import TlexpError
+
+OWN_KEYS = ("_target_", "lr", "scheduler", "warmup_epochs")
+SCHEDULERS = (None, "cosine", "onecycle")
+
+
+def optimizer_name(cfg: dict) -> str:
+    """``torch.optim.AdamW`` -> ``adamw``: how tables and TensorBoard name it."""
+    return cfg["_target_"].rsplit(".", 1)[-1].lower()
+
+
+def build_optimizer(cfg: dict, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    try:
+        cls = get_class(cfg["_target_"])
+    except Exception as exc:
+        raise TlexpError(f"optim._target_={cfg['_target_']}: not an importable class (e.g. torch.optim.SGD)") from exc
+    extra = {k: v for k, v in cfg.items() if k not in OWN_KEYS}
+    try:
+        return cls(groups, lr=lr, **extra)
+    except TypeError as exc:
+        raise TlexpError(
+            f"optim._target_={cfg['_target_']} does not take these settings ({exc}): drop them with ~optim.<key> "
+            "or pick another optim="
+        ) from exc
+
+
+def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, epochs: int, total_steps) -> dict | None:
+    """Lightning's ``lr_scheduler`` entry, or None; ``total_steps``: called only for a per-step schedule."""
+    name = cfg.get("scheduler")
+    if name not in SCHEDULERS:
+        raise TlexpError(f"optim.scheduler={name}: choose one of null, cosine, onecycle")
+    if name == "onecycle":
+        peaks = [group["lr"] for group in optimizer.param_groups]  # each group peaks at its own rate
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps())
+        return {"scheduler": schedule, "interval": "step"}
+    if name == "cosine":
+        warmup = cfg.get("warmup_epochs", 0)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warmup))
+        if warmup:
+            ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+            cosine = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+        return {"scheduler": cosine, "interval": "epoch"}
+    return None
