@@ -61,8 +61,9 @@ def test_odd_but_valid_images_load_as_rgb(tmp_path):
 
 
 def test_huge_image_loads(tmp_path):
-    Image.new("RGB", (8000, 8000), (10, 200, 30)).save(tmp_path / "huge.jpg", quality=50)
-    assert load_rgb(tmp_path / "huge.jpg").size == (8000, 8000)
+    """Issue 15: 14000 x 14000 (196 megapixels) is past PIL's decompression-bomb limit, not tlexp's."""
+    Image.new("RGB", (14000, 14000), (10, 200, 30)).save(tmp_path / "huge.jpg", quality=50)
+    assert load_rgb(tmp_path / "huge.jpg").size == (14000, 14000)
 
 
 def test_unreadable_files_are_found_once_and_remembered(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import signal
 
 import pytest
@@ -67,6 +68,12 @@ def _assert_same_run(resumed_dir, expected_dir):
     assert strip(resumed["history"]) == strip(expected["history"])
     a, b = _weights(expected_dir), _weights(resumed_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _csv_epochs(resumed_dir) == _csv_epochs(expected_dir)  # csv/metrics.csv keeps the epochs before the resume
+
+
+def _csv_epochs(run_dir):
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [(r["epoch"], r["val/acc"], r["val/loss"]) for r in csv.DictReader(f) if r.get("val/acc")]
 
 
 @pytest.mark.parametrize("kill_point", list(KILL_POINTS))

@@ -8,6 +8,7 @@ the run that owns it wrote them.
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 
 import pytest
@@ -130,6 +131,35 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught(tmp_path, tree, finished):
     best.write_bytes(bytes(data))
     predicted = run_module("tlexp.predict", f"ckpt={best}", f"images={tree}")
     assert predicted.returncode == 2 and "is damaged" in predicted.stderr
+
+
+def test_leftovers_of_a_kill_are_removed_and_an_all_damaged_resume_says_so(tmp_path, tree, finished):
+    """Issue 15: a killed checkpoint write's .tmp goes at the next start; no intact checkpoint: said, then epoch 0."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "metrics.json").unlink()
+    (run / "checkpoints" / ".last.ckpt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):
+        ckpt.write_bytes(b"not a checkpoint any more")
+    train(run, tree, *SCHEDULE, "resume=true")
+    log = (run / "train.log").read_text()
+    assert "removed .last.ckpt.x1y2.tmp" in log and not list((run / "checkpoints").glob(".*.tmp"))
+    assert "every checkpoint in" in log and "training starts again from epoch 0" in log
+    assert read_metrics(run)["status"] == "completed" and len(read_metrics(run)["history"]) == 2
+
+
+def test_a_killed_cache_build_leaves_no_staging_folder(tmp_path):
+    """Issue 15: staging folders of builds whose process is gone are removed by the next build."""
+    from tlexp.features.store import FeatureStore
+
+    store = FeatureStore(tmp_path, budget_bytes=10**6, batch_size=2)
+    orphan = tmp_path / ".abc123-999999999-q1w2"  # no such pid
+    orphan.mkdir()
+    (orphan / "cut0.npy").write_bytes(b"0" * 1000)
+    live = tmp_path / f".def456-{os.getpid()}-e3r4"  # a build in progress in a live process
+    live.mkdir()
+    store.get({"k": 1}, lambda x: (x.float(),), [(torch.zeros(3), 0), (torch.ones(3), 0)], "test")
+    assert not orphan.exists() and live.exists()
 
 
 def test_the_table_names_killed_jobs_and_foreign_records(tmp_path, tree, finished):

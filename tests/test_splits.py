@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
@@ -74,6 +75,39 @@ def _datamodule(root, **overrides):
          "on_bad_image": "skip", "image_checks": None}
     )
     return ImageDataModule(OmegaConf.merge(cfg, overrides), seed=1)
+
+
+def test_seed_repeats_share_one_split_unless_split_seed_changes(tmp_path):
+    """Issue 17: data.split_seed (default 42) apart from the training seed; null falls back to it."""
+    root = make_image_tree(tmp_path, {"a": 20, "b": 20})
+
+    def split_of(seed, split_seed):
+        dm = _datamodule(root, split_seed=split_seed)
+        dm.seed = seed
+        dm.setup()
+        return _paths(dm.split)
+
+    assert split_of(1, 42) == split_of(2, 42) == _paths(_split(root, seed=42))
+    assert split_of(1, 7) != split_of(1, 42)
+    assert split_of(7, None) == _paths(_split(root, seed=7))
+
+
+def test_a_file_name_that_is_not_utf8_is_split_and_recorded(tmp_path):
+    """Issue 15: caf\\xe9.jpg (Latin-1 bytes) no longer kills the run while ranking files."""
+    root = make_image_tree(tmp_path / "images", {"a": 5, "b": 5})
+    os.rename(root / "a" / "img_000.jpg", os.fsencode(root / "a") + b"/caf\xe9.jpg")
+    dm = _datamodule(root)
+    dm.split_file = tmp_path / "split.csv"
+    dm.setup()
+    assert "caf\udce9.jpg" in [s.path.name for samples in dm.split.values() for s in samples]
+    assert b"a/caf\xe9.jpg" in dm.split_file.read_bytes()
+
+
+def test_a_class_named_train_is_a_class_not_a_split(tmp_path):
+    root = make_image_tree(tmp_path, {"bus": 5, "car": 5, "train": 5})
+    dm = _datamodule(root)
+    dm.setup()
+    assert dm.class_names == ["bus", "car", "train"] and len(dm.split["train"]) == 9
 
 
 def test_presplit_tree_is_used_as_given(tmp_path):

@@ -22,9 +22,26 @@ RESNET50_COUNTS = {
 }
 
 
+# The study's MobileNet (V1; Keras counts BatchNorm's gamma and beta, not its moving statistics).
+MOBILENET_V1_COUNTS = {
+    "frozen": 5_125,
+    "layers_5": 1_057_797,
+    "layers_10": 1_593_349,
+    "layers_40": 2_937_349,
+    "blocks_2": 1_598_981,
+    "blocks_4": 2_136_581,
+    "blocks_10": 3_181_445,
+}
+
+
 @pytest.fixture(scope="module")
 def resnet50():
     return build_backbone("torchvision", "resnet50", None)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v1():
+    return build_backbone("timm", "mobilenetv1_100", None)
 
 
 @pytest.mark.parametrize("name,expected", RESNET50_COUNTS.items())
@@ -32,6 +49,14 @@ def test_resnet50_trainable_counts_match_design(resnet50, name, expected):
     head = make_head(resnet50.feature_dim, 5, hidden_dim=None, dropout=0.2)
     units = modules_to_unfreeze(resnet50, parse_strategy(name))
     assert phase_b_params(head, units) == expected
+
+
+@pytest.mark.parametrize("name,expected", MOBILENET_V1_COUNTS.items())
+def test_mobilenet_v1_trainable_counts_within_half_a_percent_of_the_study(mobilenet_v1, name, expected):
+    """Issue 17: model=mobilenet_v1 (timm mobilenetv1_100) is the study's second model (layers_5: -0.19 %, the rest exact)."""
+    backbone = mobilenet_v1
+    head = make_head(backbone.feature_dim, 5, hidden_dim=None, dropout=0.2)
+    assert phase_b_params(head, modules_to_unfreeze(backbone, parse_strategy(name))) == pytest.approx(expected, rel=0.005)
 
 
 def test_full_is_every_backbone_parameter(resnet50):

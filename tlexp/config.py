@@ -17,6 +17,7 @@ INT, NUMBER = "an integer", "a number"
 # key -> (type, lowest allowed, highest allowed (exclusive for dropout), may be null)
 NUMERIC = {
     "seed": (INT, 0, 2**32, False),
+    "data.split_seed": (INT, 0, 2**32, True),
     "optim.lr": (NUMBER, 0.0, None, False),
     "optim.warmup_epochs": (INT, 0, None, False),
     "finetune.backbone_lr_factor": (NUMBER, 0.0, None, False),

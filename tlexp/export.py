@@ -43,7 +43,7 @@ def _images_of_run(ckpt: Path) -> list[Path]:
     if not split_file.exists() or not config.exists():
         return []
     root = Path(str(OmegaConf.load(config).data.root)).expanduser()
-    with open(split_file) as f:
+    with open(split_file, encoding="utf-8", errors="surrogateescape") as f:
         rows = [r for r in csv.DictReader(f) if r["subset"] == SUBSETS[2]]
     return [root / r["path"] for r in rows if (root / r["path"]).exists()]
 

@@ -176,7 +176,10 @@ def resume_point(cfg, run_dir: Path) -> tuple[dict | None, str | None]:
     folder = run_dir / "checkpoints"
     others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     candidates = [p for p in [folder / "last.ckpt", *others] if p.exists()]
-    return None, next((str(p) for p in candidates if _readable_checkpoint(p)), None)
+    found = next((str(p) for p in candidates if _readable_checkpoint(p)), None)
+    if candidates and found is None:
+        log.warning("resume: every checkpoint in %s is damaged (kept as *.damaged): training starts again from epoch 0", folder)
+    return None, found
 
 
 @contextmanager
@@ -198,6 +201,9 @@ def locked(run_dir: Path):
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
+        for leftover in (run_dir / "checkpoints").glob(".*.tmp"):  # a checkpoint write that was killed: ours now
+            leftover.unlink()
+            log.info("removed %s, left by a checkpoint write that was killed", leftover.name)
         yield
 
 

@@ -132,7 +132,9 @@ class ImageDataModule(pl.LightningDataModule):
         else:
             classes = trees[""]
             self.class_names = list(classes)
-            self.split = files.stratified_split(self.root, classes, tuple(self.cfg.split), self.seed, self.cfg.limit_per_class)
+            split_seed = self.cfg.get("split_seed")
+            split_seed = self.seed if split_seed is None else split_seed
+            self.split = files.stratified_split(self.root, classes, tuple(self.cfg.split), split_seed, self.cfg.limit_per_class)
         for subset in ("train", "val", "test"):
             if not self.split[subset]:
                 raise TlexpError(f"the {subset} split is empty: add images, raise data.limit_per_class or change data.split")

@@ -66,7 +66,8 @@ def list_classes(root: Path) -> dict[str, list[Path]]:
 
 
 def _rank_key(seed: int, root: Path, path: Path) -> str:
-    return hashlib.sha256(f"{seed}:{path.relative_to(root).as_posix()}".encode()).hexdigest()
+    # surrogateescape: a file name that is not valid UTF-8 (caf\xe9.jpg from a Latin-1 system) ranks by its bytes
+    return hashlib.sha256(f"{seed}:{path.relative_to(root).as_posix()}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _share(n: int, fraction: float) -> int:
@@ -98,8 +99,11 @@ def stratified_split(
 
 
 def presplit_classes(root: Path) -> dict[str, dict[str, list[Path]]] | None:
-    """Class files of ``root/{train,val,test}`` when the tree comes already split, else None."""
-    if not (root / "train").is_dir():
+    """Class files of ``root/{train,val,test}`` when the tree comes already split, else None.
+
+    A ``train`` folder beside neither ``val`` nor ``test`` is a class (``bus car train``), not a split.
+    """
+    if not (root / "train").is_dir() or not any((root / s).is_dir() for s in SUBSETS[1:]):
         return None
     split = {s: list_classes(root / s) for s in SUBSETS if (root / s).is_dir()}
     if set(split) != set(SUBSETS):
@@ -118,7 +122,7 @@ def write_split(path: Path, root: Path, split: dict[str, list[Sample]], class_na
     for subset, samples in split.items():
         for s in samples:
             writer.writerow([subset, class_names[s.label], s.label, s.path.relative_to(root).as_posix()])
-    data = text.getvalue().encode()
+    data = text.getvalue().encode("utf-8", "surrogateescape")  # non-UTF-8 file names keep their bytes
     if path.exists() and path.read_bytes() != data:
         raise RunDirRefused(
             f"{path} records another split (other images, classes or seed): it belongs to another run. "

@@ -22,6 +22,9 @@ from tlexp.errors import TlexpError
 from tlexp.record import file_digest
 
 log = logging.getLogger(__name__)
+# PIL refuses images over 2 x 89.5 megapixels as possible decompression bombs, which skipped real
+# photos (a 14000 x 14000 scan). Up to 1 gigapixel (3 GB decoded, transient) is read; beyond, refused.
+Image.MAX_IMAGE_PIXELS = 500_000_000
 
 
 def load_rgb(path: Path) -> Image.Image:

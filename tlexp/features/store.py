@@ -78,7 +78,8 @@ class FeatureStore:
     def _build(self, entry: Path, key: dict, compute: Compute, images: DataLoader, label: str) -> None:
         start = time.perf_counter()
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=self.root))
+        _remove_orphaned_staging(self.root)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{os.getpid()}-", dir=self.root))
         try:
             shapes, dtypes = self._compute(staging, compute, images, torch.float16)
             if shapes is None:
@@ -125,3 +126,22 @@ class FeatureStore:
         if any((v.isinf() & ~r.isinf()).any() for v, r in zip(values, raw) if v.is_floating_point()):
             return None
         return [v.cpu() for v in values]
+
+
+def _remove_orphaned_staging(root: Path) -> None:
+    """Staging folders of killed builds (``.<entry>-<pid>-*``, their process gone) would fill the disk over time."""
+    for staging in root.glob(".*-*-*"):
+        pid = staging.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            log.info("feature cache: removed %s, left by a build that was killed", staging.name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

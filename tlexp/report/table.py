@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 
 from tlexp.errors import TlexpError
 from tlexp.record import RECORD, read_record
+from tlexp.report import repeats
 from tlexp.report.plotting import pyplot
 
 # The reference study's columns in its order, then ours. (header, metrics.json key, format)
@@ -156,16 +158,31 @@ def _label(row: dict, keys: list[str]) -> str:
     return " · ".join([f"{row['model']} · {row['strategy']}", *(f"{k}={row['overrides'].get(k, 'default')}" for k in keys)])
 
 
-def accuracy_plot(rows: list[dict], sweep_dir: Path) -> str:
+def _points(rows: list[dict], groups: list[dict], keys: list[str]) -> list[dict]:
+    """One point per run, or per group of seed repeats (mean, with its std as an error bar)."""
+    if not groups:
+        return [{**r, "acc": 100 * r["test_acc"], "err": 0.0, "label": _label(r, keys)} for r in rows if r.get("status") == "completed"]
+    points = []
+    for g in groups:
+        first = g["rows"][0]
+        means = {k: statistics.fmean(float(r[k]) for r in g["rows"]) for k in ("trainable_params", "wall_time_s", "ms_per_image")
+                 if all(r.get(k) is not None for r in g["rows"])}
+        points.append({"model": g["model"], **means, "acc": 100 * g["test_acc"][0], "err": 100 * g["test_acc"][1],
+                       "label": f"{_label(first, keys)} (n={g['n']})"})
+    return points
+
+
+def accuracy_plot(rows: list[dict], sweep_dir: Path, groups: list[dict]) -> str:
     """Test accuracy against inference time where the networks differ; else against training cost.
 
     The strategies of one backbone are the same network at inference (only which weights trained
     differs), so their ms/image differ by timing noise alone: such a sweep is plotted against
-    trainable parameters and training wall time instead. Returns the file's name.
+    trainable parameters and training wall time instead. Seed repeats are one point each, their
+    standard deviation the error bar. Returns the file's name.
     """
     plt = pyplot()
-    done = [r for r in rows if r.get("status") == "completed"]
     keys = swept(rows)
+    done = _points(rows, groups, keys)
     one_network = len({r.get("model") for r in done}) <= 1
     axes_spec = (
         [("trainable_params", "trainable parameters (log scale)", True), ("wall_time_s", "training wall time (s)", False)]
@@ -173,9 +190,9 @@ def accuracy_plot(rows: list[dict], sweep_dir: Path) -> str:
     )
     fig, axes = plt.subplots(1, len(axes_spec), figsize=(7 * len(axes_spec), 5.5), squeeze=False)
     for ax, (key, xlabel, log_x) in zip(axes[0], axes_spec):
-        for row in (r for r in done if r.get(key) is not None):
-            ax.scatter(row[key], 100 * row["test_acc"], s=36)
-            ax.annotate(_label(row, keys), (row[key], 100 * row["test_acc"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        for point in (p for p in done if p.get(key) is not None):
+            ax.errorbar(point[key], point["acc"], yerr=point["err"] or None, fmt="o", markersize=6, capsize=4)
+            ax.annotate(point["label"], (point[key], point["acc"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
         if log_x:
             ax.set_xscale("log")
         ax.margins(x=0.15, y=0.08)
@@ -183,7 +200,8 @@ def accuracy_plot(rows: list[dict], sweep_dir: Path) -> str:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     what = "what training costs (one network at inference)" if one_network else "inference time"
-    fig.suptitle(f"Test accuracy against {what}, one point per run")
+    each = "per setting: mean ± std over seeds" if groups else "one point per run"
+    fig.suptitle(f"Test accuracy against {what}, {each}")
     fig.tight_layout()
     name = "accuracy_vs_cost.png" if one_network else "accuracy_vs_speed.png"
     fig.savefig(sweep_dir / name, dpi=120)
@@ -271,17 +289,26 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(rows)
         (args.sweep_dir / "table.md").write_text(table)
         write_csv(rows, args.sweep_dir / "table.csv")
-        plot = accuracy_plot(rows, args.sweep_dir)
+        groups = repeats.repeat_groups(rows, swept(rows))
+        plot = accuracy_plot(rows, args.sweep_dir, groups)
         curves(rows, args.sweep_dir / "curves.png")
+        written = ["table.md", "table.csv", plot, "curves.png"]
+        if groups:
+            lines = repeats.separations(groups)
+            summary = repeats.markdown(groups) + "\n" + "".join(f"- {line}\n" for line in lines)
+            (args.sweep_dir / "table_seeds.md").write_text(summary)
+            written.append("table_seeds.md")
         if args.show:
             print(table)
+            if groups:
+                print(summary)
         if args.compare:
             print(compare(rows, args.compare))
     except TlexpError as exc:
         print(f"tlexp-table: error: {exc}", file=sys.stderr)
         return 2
     failed = sum(r.get("status") != "completed" for r in rows)
-    print(f"{len(rows)} rows ({failed} failed) → {args.sweep_dir}/table.md, table.csv, {plot}, curves.png")
+    print(f"{len(rows)} rows ({failed} failed) → {args.sweep_dir}/: {', '.join(written)}")
     return 0
 
 

@@ -1,0 +1,47 @@
+"""Issue 17: tlexp-table turns seed repeats into mean ± std (n) and says which differences exceed the spread."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tlexp.report.repeats import repeat_groups
+from tlexp.report.table import load_rows
+from tlexp.report.table import main as table_main
+
+# (strategy, seed, test_acc): frozen and blocks_2 far apart, blocks_2 and blocks_4 within their spread
+JOBS = [("frozen", 1, 0.80), ("frozen", 2, 0.82), ("blocks_2", 1, 0.90), ("blocks_2", 2, 0.94), ("blocks_4", 1, 0.91), ("blocks_4", 2, 0.92)]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for i, (strategy, seed, acc) in enumerate(JOBS):
+        job = tmp_path / f"{i}_lite0_{strategy}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- strategy={strategy}\n- seed={seed}\n- data.root=/data\n")
+        history = [{"epoch": 0, "train_acc": acc, "val_acc": acc, "train_loss": 0.5, "val_loss": 0.4, "phase_b": False}]
+        record = {
+            "status": "completed", "model": "lite0", "strategy": strategy, "seed": seed, "test_acc": acc, "test_loss": 0.3,
+            "train_acc": acc, "val_acc": acc, "val_loss": 0.4, "test_f1_macro": acc, "wall_time_s": 100.0 + i,
+            "trainable_params": 1000 * (i + 1), "best_epoch": 0, "history": history, "phase_a_epochs": 1, "phase_b_epochs": 0,
+        }
+        (job / "metrics.json").write_text(json.dumps(record))
+    return tmp_path
+
+
+def test_repeats_are_averaged_with_their_spread(sweep):
+    groups = repeat_groups(load_rows(sweep), swept=[])
+    assert [(g["strategy"], g["n"], g["seeds"]) for g in groups] == [("frozen", 2, [1, 2]), ("blocks_2", 2, [1, 2]), ("blocks_4", 2, [1, 2])]
+    mean, std = groups[1]["test_acc"]
+    assert mean == pytest.approx(0.92) and std == pytest.approx(0.02 * 2**0.5)  # sample std of 0.90 and 0.94
+
+
+def test_the_table_writes_the_seed_summary_and_error_bars(sweep, capsys):
+    assert table_main([str(sweep), "--print"]) == 0
+    summary = (sweep / "table_seeds.md").read_text()
+    assert "| lite0 | blocks_2 | 92.00 ± 2.83% |" in summary and "| 2 (1, 2) |" in summary
+    assert "lite0 · blocks_2 vs lite0 · blocks_4: +0.50 pt" in summary and "within the spread" in summary
+    assert "lite0 · blocks_2 vs lite0 · frozen: +11.00 pt" in summary and "beyond the spread" in summary
+    assert (sweep / "accuracy_vs_cost.png").stat().st_size > 10_000
+    assert "table_seeds.md" in capsys.readouterr().out

@@ -1,0 +1,41 @@
+"""Lightning's CSVLogger, keeping the epochs before a resume point in ``csv/metrics.csv``.
+
+Lightning's writer deletes an existing ``metrics.csv`` when it starts, so a resumed run's file
+began at the resume point. This one reads the old rows first and, at its first save, puts back
+those of the epochs before the first epoch it logs (a killed epoch's rows are logged again).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+
+class _KeepingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:  # instead of Lightning's "will be deleted" warning
+        self._earlier: list[dict] = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self._earlier = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+            os.remove(self.metrics_file_path)
+
+    def save(self) -> None:
+        epochs = [float(m["epoch"]) for m in self.metrics if "epoch" in m]
+        if self._earlier and epochs:
+            self.metrics = [r for r in self._earlier if "epoch" in r and float(r["epoch"]) < min(epochs)] + self.metrics
+            self._earlier = []
+        super().save()
+
+
+class RunCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
