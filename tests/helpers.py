@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal as signal_module
+import threading
 from pathlib import Path
 
 import torch
@@ -46,6 +47,21 @@ class SignalAtEpochStart(Callback):
                 # a terminal's Ctrl+C reaches Python's default handler, so restore it.
                 signal_module.signal(signal_module.SIGINT, signal_module.default_int_handler)
             os.kill(os.getpid(), self.signum)
+
+
+class SigtermAtTest(Callback):
+    """SIGTERM the process as the test begins (``when=start``) or ``delay`` s after it ends (``when=end``: profiling)."""
+
+    def __init__(self, when: str, delay: float = 0.0):
+        self.when, self.delay = when, delay
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        if self.when == "start":
+            os.kill(os.getpid(), signal_module.SIGTERM)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if self.when == "end":
+            threading.Timer(self.delay, os.kill, (os.getpid(), signal_module.SIGTERM)).start()
 
 
 class SaveWeightsPerRank(Callback):

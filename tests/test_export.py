@@ -44,3 +44,19 @@ def test_export_without_images_to_check_is_refused(tmp_path, trained_run):
     lonely.write_bytes((run / "checkpoints" / "best.ckpt").read_bytes())  # away from its run dir
     result = run_module("tlexp.export", f"ckpt={lonely}", f"out={tmp_path / 'out'}")
     assert result.returncode == 2 and "images=" in result.stderr
+
+
+def test_a_corrupt_file_among_the_images_is_left_out(trained_run, tmp_path):
+    """Issue 15: tlexp-export images=<folder with a corrupt file> verifies on the others, with a warning."""
+    tree, run = trained_run
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for source in sorted((tree / "red").glob("*.jpg"))[:3]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    ckpt = run / "checkpoints" / "best.ckpt"
+    result = run_module("tlexp.export", f"ckpt={ckpt}", f"images={folder}", f"out={tmp_path / 'out'}", "formats=[torchscript]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "broken.jpg" in result.stdout + result.stderr
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["verified_on_images"] == 3
+

@@ -108,6 +108,19 @@ def test_sigterm_stops_cleanly_and_resumes_exactly(tmp_path, tree, uninterrupted
     _assert_same_run(broken, uninterrupted("fast", 0))
 
 
+@pytest.mark.parametrize("when", ["start", "end"])
+def test_sigterm_during_the_test_or_the_speed_timing_is_an_interruption(tmp_path, tree, when):
+    """Issue 15: SIGTERM after fitting (test, then profiling) is exit 143 and status interrupted, never a result."""
+    run = tmp_path / "run"
+    timing = ("profile.repeats=3000", "profile.warmup=1") if when == "end" else ()
+    stopped = train(run, tree, *SCHEDULE, *timing, "+callbacks.sig._target_=tests.helpers.SigtermAtTest",
+                    f"+callbacks.sig.when={when}", "+callbacks.sig.delay=0.5", check=False)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert read_metrics(run)["status"] == "interrupted"
+    train(run, tree, *SCHEDULE, "resume=true")
+    assert read_metrics(run)["status"] == "completed"
+
+
 def test_ctrl_c_leaves_an_interrupted_run_not_a_result(tmp_path, tree):
     broken = tmp_path / "broken"
     stopped = train(broken, tree, *SCHEDULE, *_signal_at("SIGINT", 1), check=False)

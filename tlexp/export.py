@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tlexp.data.files import SUBSETS
-from tlexp.data.images import load_rgb
+from tlexp.data.images import bad_image_policy, load_rgb
 from tlexp.data.transforms import eval_transform
 from tlexp.errors import TlexpError
 from tlexp.hydra_config import CONFIG_PATH
@@ -56,7 +56,10 @@ def export(cfg: DictConfig) -> dict:
     files = list_images(str(cfg.images)) if cfg.images else _images_of_run(ckpt)
     if not files:
         raise TlexpError("no images to verify the export on: pass images=<file|folder|glob> (the run's split.csv was not found)")
-    files = files[: cfg.verify_images]
+    bad = bad_image_policy(files, "skip", "images", None, threads=2)  # a corrupt file is left out, not a traceback
+    files = [f for f in files if f not in bad][: cfg.verify_images]
+    if not files:
+        raise TlexpError(f"none of the {len(bad)} image file(s) to verify the export on decodes: pass images=<good images>")
     transform = eval_transform(pre)
     batch = torch.stack([transform(load_rgb(f)) for f in files])
     out = Path(cfg.out) if cfg.out else ckpt.resolve().parent.parent / "export"

@@ -125,6 +125,19 @@ def recorded(cfg, run_dir: Path, in_sweep: bool):
         log.exception("job failed; the sweep goes on")
 
 
+@contextmanager
+def sigterm_stops():
+    """Outside Lightning's loops (the speed timing after the test), SIGTERM stops the run as inside them."""
+    def stop(signum, frame):
+        raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def check_resume_checkpoint(path: str, model_cfg: dict, class_names: list[str]) -> None:
     """Refuse a checkpoint of another backbone or class set before Lightning fails deep inside."""
     if not os.path.isfile(path):

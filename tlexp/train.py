@@ -16,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tlexp import record, runs
 from tlexp.callbacks.history import EpochHistory
@@ -76,12 +77,15 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     if not best:
         log.warning("no checkpoint was saved (trainer.fast_dev_run?): testing the weights as fitting left them")
     test = trainer.test(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    if trainer.received_sigterm:  # Lightning finishes a test's last batch before it looks: no result then
+        raise SIGTERMException
     if not trainer.is_global_zero:  # rank 0 alone measures speed and writes the run's files
         return {"val_acc": record.best_epoch(fitted).get("val_acc")}
 
     if cfg.profile.enabled:  # Lightning has moved the model back to the CPU: time it where it trained
         size = module.preprocessing.crop_size
-        extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile)}
+        with runs.sigterm_stops():
+            extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile)}
     extra |= {"lr_find": lr_find, "wall_time_s": fit_seconds + time.perf_counter() - after_fit}
     results = record.completed_record(
         cfg, run_dir, identity=identity, data=data, module=module, units=units, trainable_params=phase_b_params(module.head, units), epochs=fitted,
