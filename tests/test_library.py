@@ -24,7 +24,8 @@ def test_the_example_trains_and_tests_in_its_own_trainer(tiny_tree, tmp_path):
 
 
 def test_import_tlexp_is_light_and_names_the_public_api():
-    probe = "import sys, tlexp; print('torch' in sys.modules, sorted(tlexp.__all__)); tlexp.TransferModule"
+    # tlexp.cli too: the console scripts answer --help and tab completion without torch (0.8 s, was 5.7 s)
+    probe = "import sys, tlexp, tlexp.cli; print('torch' in sys.modules, sorted(tlexp.__all__)); tlexp.TransferModule"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={"PYTHONPATH": _pythonpath()}, check=True)
     heavy, names = result.stdout.split(" ", 1)
     assert heavy == "False" and "TransferModule" in names and "compose" in names

@@ -211,3 +211,12 @@ def test_cosine_warmup_ramps_then_decays(tmp_path, tiny_tree):
           "finetune.phase_b_epochs=3")
     heads = [e["lr_head"] for e in read_metrics(tmp_path / "run")["history"]]
     assert heads[0] == pytest.approx(1e-4) and heads[1] > heads[0] and heads[2] == pytest.approx(1e-3) and heads[3] < heads[2]
+
+
+def test_help_offers_only_options_that_can_be_chosen():
+    """Issue 16: no internal fragment (model=_head, data=_common) in --help or tab completion."""
+    result = run_cli("--help")
+    groups = dict(line.split(": ", 1) for line in result.stdout.split("== Config ==")[0].splitlines() if ": " in line)
+    options = [o.strip() for listed in groups.values() for o in listed.split(",")]
+    assert "mobilenet_v1" in groups["model"] and "imagefolder" in groups["data"]
+    assert not [o for o in options if o.startswith("_")]

@@ -15,7 +15,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -24,7 +23,6 @@ from tlexp.data.files import SUBSETS
 from tlexp.data.images import bad_image_policy, load_rgb
 from tlexp.data.transforms import eval_transform
 from tlexp.errors import TlexpError
-from tlexp.hydra_config import CONFIG_PATH
 from tlexp.predict import list_images, load_model
 from tlexp.speed.timing import inference_runtime, median_seconds
 
@@ -123,8 +121,8 @@ def _opset(path: Path) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-def main(cfg: DictConfig) -> None:
+def job(cfg: DictConfig) -> None:
+    """``tlexp-export`` (through tlexp/cli.py): the three result lines, or one error line and exit code 2."""
     try:
         report = export(cfg)
     except TlexpError as exc:
@@ -138,4 +136,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tlexp.cli import export
+
+    export()

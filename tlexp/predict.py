@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from pytorch_lightning.plugins.precision import MixedPrecision
@@ -29,7 +28,6 @@ from tlexp.data.files import IMAGE_EXTENSIONS, Sample
 from tlexp.data.images import bad_image_policy
 from tlexp.data.transforms import Preprocessing, eval_transform
 from tlexp.errors import TlexpError
-from tlexp.hydra_config import CONFIG_PATH
 from tlexp.model.module import TransferModule
 from tlexp.runs import verify_checkpoint
 
@@ -153,8 +151,8 @@ def run(cfg: DictConfig) -> None:
         log.info("wrote %d predictions to %s", len(files), cfg.csv)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
-def main(cfg: DictConfig) -> None:
+def job(cfg: DictConfig) -> None:
+    """``tlexp-predict`` (through tlexp/cli.py): one line and exit code 2 for bad input."""
     try:
         run(cfg)
     except TlexpError as exc:
@@ -163,4 +161,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tlexp.cli import predict
+
+    predict()

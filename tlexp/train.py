@@ -10,7 +10,6 @@ import time
 import warnings
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -24,7 +23,6 @@ from tlexp.callbacks.lr_finder import find_lr
 from tlexp.callbacks.run_identity import RunIdentity
 from tlexp.config import check_config
 from tlexp.data.datamodule import ImageDataModule
-from tlexp.hydra_config import CONFIG_PATH
 from tlexp.model.finetune import PhasedFinetuning, phase_b_params
 from tlexp.model.module import TransferModule
 from tlexp.model.strategies import parse_strategy
@@ -99,9 +97,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """One job. In a sweep a failing job is recorded and the sweep goes on; alone, it exits non-zero.
+def job(cfg: DictConfig) -> float | None:
+    """One job (``tlexp-train``, through tlexp/cli.py). In a sweep a failing job is recorded and the sweep goes on; alone, it exits non-zero.
 
     Returns the best epoch's validation accuracy, the value a sweeper (Optuna) maximises: the test
     split stays out of model selection.
@@ -116,5 +113,8 @@ def main(cfg: DictConfig) -> float | None:
         return run(cfg, ckpt_path)["val_acc"]
     return None
 
+
 if __name__ == "__main__":
-    main()
+    from tlexp.cli import train
+
+    train()
