@@ -54,7 +54,7 @@ def export(cfg: DictConfig) -> dict:
     files = list_images(str(cfg.images)) if cfg.images else _images_of_run(ckpt)
     if not files:
         raise TlexpError("no images to verify the export on: pass images=<file|folder|glob> (the run's split.csv was not found)")
-    bad = bad_image_policy(files, "skip", "images", None, threads=2)  # a corrupt file is left out, not a traceback
+    bad = bad_image_policy(files, "skip", "images", None, torch.get_num_threads())  # a corrupt file is left out, not a traceback
     files = [f for f in files if f not in bad][: cfg.verify_images]
     if not files:
         raise TlexpError(f"none of the {len(bad)} image file(s) to verify the export on decodes: pass images=<good images>")

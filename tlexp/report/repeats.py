@@ -20,6 +20,8 @@ METRICS = [
     ("Test macro-F1", "test_f1_macro", "pct"),
     ("Wall time (s)", "wall_time_s", "secs"),
 ]
+# averaged too, as the plots' x axes
+PLOTTED = ("trainable_params", "ms_per_image")
 
 
 def repeat_groups(rows: list[dict], swept: list[str]) -> list[dict]:
@@ -34,7 +36,7 @@ def repeat_groups(rows: list[dict], swept: list[str]) -> list[dict]:
         return []
     for group in groups.values():
         group["n"], group["seeds"] = len(group["rows"]), [r.get("seed") for r in group["rows"]]
-        for _, key, _ in METRICS:
+        for key in (*(key for _, key, _ in METRICS), *PLOTTED):
             values = [float(r[key]) for r in group["rows"] if r.get(key) is not None]
             group[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
     return list(groups.values())

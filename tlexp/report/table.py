@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 from pathlib import Path
 
@@ -162,14 +161,11 @@ def _points(rows: list[dict], groups: list[dict], keys: list[str]) -> list[dict]
     """One point per run, or per group of seed repeats (mean, with its std as an error bar)."""
     if not groups:
         return [{**r, "acc": 100 * r["test_acc"], "err": 0.0, "label": _label(r, keys)} for r in rows if r.get("status") == "completed"]
-    points = []
-    for g in groups:
-        first = g["rows"][0]
-        means = {k: statistics.fmean(float(r[k]) for r in g["rows"]) for k in ("trainable_params", "wall_time_s", "ms_per_image")
-                 if all(r.get(k) is not None for r in g["rows"])}
-        points.append({"model": g["model"], **means, "acc": 100 * g["test_acc"][0], "err": 100 * g["test_acc"][1],
-                       "label": f"{_label(first, keys)} (n={g['n']})"})
-    return points
+    return [
+        {"model": g["model"], **{k: g[k][0] for k in ("trainable_params", "wall_time_s", "ms_per_image") if g[k] is not None},
+         "acc": 100 * g["test_acc"][0], "err": 100 * g["test_acc"][1], "label": f"{_label(g['rows'][0], keys)} (n={g['n']})"}
+        for g in groups
+    ]
 
 
 def accuracy_plot(rows: list[dict], sweep_dir: Path, groups: list[dict]) -> str:
