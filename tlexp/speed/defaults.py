@@ -54,9 +54,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto``: bf16 mixed precision on CPUs that run it natively, else fp32.
 
     Without native bf16 a CPU emulates it, which is slower than fp32 (measured here: 2.6x slower
-    for a ResNet-50 forward on an AVX-512 CPU without avx512_bf16/AMX). On a GPU, fp32: the one
-    measurement there (issue 13: an H100, Lite0 blocks_2 at batch 32, launch-bound) took 114 s with
-    bf16-mixed and channels_last against 86 s without; ``make bench-gpu`` is where to revisit it.
+    for a ResNet-50 forward on an AVX-512 CPU without avx512_bf16/AMX). On a GPU, fp32: Lite0 at
+    batch 32 is launch-bound there, and bf16-mixed with channels_last was slower on an H100
+    (114 s vs 86 s, issue 13) and on an H200 (whole bench sweep 92 s vs 67 s: docs/bench_gpu_notes.md).
     """
     if precision != "auto":
         return precision
