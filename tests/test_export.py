@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -14,11 +16,17 @@ from tlexp.data.transforms import eval_transform
 from tlexp.predict import load_model
 
 
-def test_onnx_and_torchscript_match_pytorch(trained_run, tmp_path):
+def test_onnx_and_torchscript_match_pytorch(trained_run, tmp_path, monkeypatch):
     tree, run = trained_run
     ckpt = run / "checkpoints" / "best.ckpt"
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     result = run_module("tlexp.export", f"ckpt={ckpt}", f"out={tmp_path}", "speed.repeats=5")
     assert result.returncode == 0, result.stderr[-2000:]
+    # issue 15: onnxruntime's device id goes to tlexp's data dir, not ~/.cache
+    assert not (home / ".cache" / "Microsoft").exists()
+    assert (Path(os.environ["TLEXP_DATA_DIR"]) / "onnxruntime" / "Microsoft").is_dir()
     assert len((result.stdout + result.stderr).splitlines()) <= 10, result.stdout + result.stderr  # issue 16: the result, not the exporters' chatter
     report = json.loads((tmp_path / "model.json").read_text())
     assert report["verified_on_images"] >= 1 and report["class_names"] == ["blue", "green", "red"]

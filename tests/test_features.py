@@ -196,3 +196,18 @@ def test_an_image_edited_in_place_is_a_new_cache_entry(tmp_path, tiny_tree):
     image.write_bytes(bytes(data))
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert image.stat().st_size == stat.st_size and samples_digest([Sample(image, 0)]) != before
+
+
+@pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
+def test_an_augmentation_policy_reaches_cached_views_and_image_epochs(tmp_path, tiny_tree, policy):
+    """Issue 17: data.augment.policy, a config key for both training paths; each policy its own cached views."""
+    from tlexp.data.transforms import POLICIES, Preprocessing, train_geometry
+
+    augment = OmegaConf.create({"crop_scale": [0.8, 1.0], "hflip": True, "rotation": 0, "shear": 0, "policy": policy})
+    geometry = train_geometry(Preprocessing(crop_size=32, resize_size=36), augment)
+    assert isinstance(geometry.transforms[-2], POLICIES[policy])
+    cached, naive = tmp_path / "cached", tmp_path / "naive"
+    train(cached, tiny_tree, "model=resnet18", "strategy=blocks_2", f"data.augment.policy={policy}")
+    train(naive, tiny_tree, "model=resnet18", "strategy=blocks_2", f"data.augment.policy={policy}", "perf=naive")
+    assert "feature cache: decoded train images, view" in (cached / "train.log").read_text()  # a new key: views made with the policy
+    assert all(read_metrics(run)["status"] == "completed" for run in (cached, naive))

@@ -79,6 +79,7 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "profile.runtime=jit"], ["profile.runtime must be one of auto, eager, torchscript, compile, cudagraph"]),
         (["model=resnet18", "tune.lr_find=true", "tune.num_training=1"], ["tune.num_training must be >= 2"]),
         (["model=resnet18", "seed=-1"], ["seed must be in [0, 4294967296), got -1"]),
+        (["model=resnet18", "data.augment.policy=augmix"], ["data.augment.policy must be one of none, trivialaugment, randaugment, autoaugment"]),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):
@@ -220,3 +221,20 @@ def test_help_offers_only_options_that_can_be_chosen():
     options = [o.strip() for listed in groups.values() for o in listed.split(",")]
     assert "mobilenet_v1" in groups["model"] and "imagefolder" in groups["data"]
     assert not [o for o in options if o.startswith("_")]
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (["strategy=blocks_x"], "tlexp-train: error: unknown strategy 'blocks_x'"),
+        (["optim.lr=-1"], "tlexp-train: error: optim.lr must be > 0, got -1"),
+    ],
+)
+def test_cfg_job_refuses_what_the_run_would_refuse(overrides, error):
+    """Issue 16: `--cfg job` showed configs that fail at run time; it now runs the same checks first."""
+    result = run_cli("--cfg", "job", "model=resnet18", *overrides)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(error), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    shown = run_cli("--cfg", "job", "model=resnet18", "strategy=blocks_2", "optim.lr=0.01")
+    assert shown.returncode == 0 and "strategy: blocks_2" in shown.stdout and "lr: 0.01" in shown.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from tlexp.data.transforms import POLICIES
 from tlexp.errors import TlexpError
 from tlexp.model.optim import SCHEDULERS
 from tlexp.speed.timing import RUNTIMES
@@ -41,6 +42,7 @@ NUMERIC = {
 CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
     "profile.runtime": RUNTIMES, "perf.channels_last": (True, False, "auto"), "optim.scheduler": SCHEDULERS,
+    "data.augment.policy": tuple(POLICIES),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -83,8 +84,7 @@ def export(cfg: DictConfig) -> dict:
             diff = (loaded(batch).softmax(dim=1) - reference).abs().max().item()
         report["exports"]["torchscript"] = {"file": path.name, "max_abs_prob_diff": diff}
     if "onnx" in cfg.formats:
-        import onnxruntime as ort
-
+        ort = _import_onnxruntime(Path(cfg.paths.data_dir))
         path = out / "model.onnx"
         batch_dim = torch.export.Dim("batch", min=1, max=1024)
         torch.onnx.export(
@@ -139,3 +139,18 @@ if __name__ == "__main__":
     from tlexp.cli import export
 
     export()
+
+
+def _import_onnxruntime(data_dir: Path):
+    """onnxruntime writes a device id and a small database under $XDG_CACHE_HOME (~/.cache) when it is
+    imported: they go to tlexp's data dir instead, with everything else tlexp keeps outside a run."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(data_dir / "onnxruntime")
+    try:
+        import onnxruntime
+    finally:
+        if previous is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = previous
+    return onnxruntime

@@ -31,6 +31,7 @@ from tlexp.record import (
     restore_hydra_files,
     result_config,
 )
+from tlexp.storage import hold_ballast, release_ballast, write_failure
 
 log = logging.getLogger("tlexp")
 
@@ -62,13 +63,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             staged.write_text(hashing.digest.hexdigest())
             os.replace(tmp, path)
             os.replace(staged, sidecar)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
-            raise
+            unwritable = isinstance(exc, Exception) and write_failure(
+                path.parent, f"checkpoint {path.name}", exc, needed=_tensor_bytes(checkpoint),
+                advice="free space there, or run in a folder with room (hydra.run.dir=...), then resume=true",
+            )
+            if not unwritable:
+                raise
+            raise unwritable from exc
 
     def remove_checkpoint(self, path) -> None:
         super().remove_checkpoint(path)
         _sidecar(Path(path)).unlink(missing_ok=True)
+
+
+def _tensor_bytes(value) -> int:
+    """What a checkpoint's tensors take: about what it needs on disk."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 class _HashingWriter:
@@ -113,16 +131,26 @@ def recorded(cfg, run_dir: Path, in_sweep: bool):
             record_interruption(cfg, run_dir, "SIGINT")
         raise
     except (TlexpError, MissingMandatoryValue) as exc:
-        record_failure(cfg, run_dir, exc)
-        log.error("%s", exc)
-        print(f"tlexp-train: error: {exc}", file=sys.stderr)
-        if not in_sweep:
-            sys.exit(2)
+        _fail_clearly(cfg, run_dir, exc, in_sweep)
     except Exception as exc:
+        where = Path(os.fsdecode(exc.filename)).parent if isinstance(exc, OSError) and exc.filename else run_dir
+        unwritable = write_failure(where, "the run's files", exc, "free space there, or run in a folder with room (hydra.run.dir=...)")
+        if unwritable is not None:
+            _fail_clearly(cfg, run_dir, unwritable, in_sweep)
+            return
         record_failure(cfg, run_dir, exc)
         if not in_sweep:
             raise
         log.exception("job failed; the sweep goes on")
+
+
+def _fail_clearly(cfg, run_dir: Path, exc: BaseException, in_sweep: bool) -> None:
+    """A failure with a message that says what to do: recorded, one line, exit 2 (a sweep goes on)."""
+    record_failure(cfg, run_dir, exc)
+    log.error("%s", exc)
+    print(f"tlexp-train: error: {exc}", file=sys.stderr)
+    if not in_sweep:
+        sys.exit(2)
 
 
 @contextmanager
@@ -217,7 +245,11 @@ def locked(run_dir: Path):
         for leftover in (run_dir / "checkpoints").glob(".*.tmp"):  # a checkpoint write that was killed: ours now
             leftover.unlink()
             log.info("removed %s, left by a checkpoint write that was killed", leftover.name)
-        yield
+        hold_ballast(run_dir)  # released before the run's record is written, however the run ends
+        try:
+            yield
+        finally:
+            release_ballast(run_dir)
 
 
 def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:

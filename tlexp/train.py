@@ -23,6 +23,7 @@ from tlexp.callbacks.lr_finder import find_lr
 from tlexp.callbacks.run_identity import RunIdentity
 from tlexp.config import check_config
 from tlexp.data.datamodule import ImageDataModule
+from tlexp.features.cache import FrozenPrefixCache
 from tlexp.model.finetune import PhasedFinetuning, phase_b_params
 from tlexp.model.module import TransferModule
 from tlexp.model.strategies import parse_strategy
@@ -85,6 +86,9 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         with runs.sigterm_stops():
             extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile)}
     extra |= {"lr_find": lr_find, "wall_time_s": fit_seconds + time.perf_counter() - after_fit}
+    cache = FrozenPrefixCache.of(trainer)
+    if cache is not None and cache.off is not None:
+        extra["feature_cache_off"] = cache.off
     results = record.completed_record(
         cfg, run_dir, identity=identity, data=data, module=module, units=units, trainable_params=phase_b_params(module.head, units), epochs=fitted,
         test=test, precision=trainer.precision, extra=extra,

@@ -69,8 +69,12 @@ def eval_geometry(pre: Preprocessing) -> T.Compose:
     )
 
 
+# data.augment.policy: torchvision's automatic augmentation policies, applied after the crop and flip.
+POLICIES = {"none": None, "trivialaugment": T.TrivialAugmentWide, "randaugment": T.RandAugment, "autoaugment": T.AutoAugment}
+
+
 def train_geometry(pre: Preprocessing, augment) -> T.Compose:
-    """Random-resized crop, flip, rotation and shear as ``data.augment`` asks, to a uint8 tensor."""
+    """Random-resized crop, flip, rotation, shear and a policy as ``data.augment`` asks, to a uint8 tensor."""
     interp = InterpolationMode(pre.interpolation)
     steps: list = [
         T.RandomResizedCrop(pre.crop_size, scale=tuple(augment.crop_scale), interpolation=interp, antialias=True)
@@ -79,6 +83,9 @@ def train_geometry(pre: Preprocessing, augment) -> T.Compose:
         steps.append(T.RandomHorizontalFlip())
     if augment.rotation or augment.shear:
         steps.append(T.RandomAffine(degrees=augment.rotation, shear=augment.shear or None, interpolation=interp))
+    policy = POLICIES[augment.get("policy", "none")]
+    if policy is not None:
+        steps.append(policy(interpolation=interp))
     return T.Compose([*steps, T.ToImage()])
 
 

@@ -38,7 +38,7 @@ from tlexp.features.builder import (
     tensor_digest,
 )
 from tlexp.features.cut import NoFrozenPrefix, PrefixCut, cut_frozen_prefix
-from tlexp.features.store import FeatureStore
+from tlexp.features.store import CacheUnwritable, FeatureStore
 from tlexp.model.finetune import PhasedFinetuning
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class FrozenPrefixCache(Callback):
         self.cuts: dict[str, tuple[PrefixCut, str] | None] = {}
         self.image_digests: dict[str, str] = {}  # subset -> samples_digest, once per run (stats every file)
         self.runners: dict[str, PrefixRunner] = {}
+        self.off: str | None = None  # why the cache was turned off during the run, if it was
 
     @staticmethod
     def of(trainer: pl.Trainer | None) -> FrozenPrefixCache | None:
@@ -75,6 +76,16 @@ class FrozenPrefixCache(Callback):
             raise TlexpError("FrozenPrefixCache needs pl.Trainer(reload_dataloaders_every_n_epochs=1): each epoch's view and phase differ")
 
     def dataset(self, subset: str, epoch: int, module, datamodule) -> Dataset | None:
+        if self.off is not None:
+            return None
+        try:
+            return self._dataset(subset, epoch, module, datamodule)
+        except CacheUnwritable as exc:  # a full or read-only disk costs speed, not the run
+            self.off = str(exc)
+            log.warning("feature cache turned off for the rest of this run: %s", exc)
+            return None
+
+    def _dataset(self, subset: str, epoch: int, module, datamodule) -> Dataset | None:
         phase, trainable = self.finetuning.trainable_at(epoch)
         found = self._cut(phase, trainable, module)
         if found is None:

@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tlexp.errors import TlexpError
+from tlexp.storage import check_room, write_failure
+
 log = logging.getLogger(__name__)
+
+CACHE_ADVICE = "training goes on without the cache; point perf.cache_dir at a disk with room, or set perf.feature_cache=false"
+
+
+class CacheUnwritable(TlexpError):
+    """The cache's folder is full or read-only: the run trains without the cache instead."""
 
 
 Compute = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
@@ -77,9 +86,12 @@ class FeatureStore:
 
     def _build(self, entry: Path, key: dict, compute: Compute, images: DataLoader, label: str) -> None:
         start = time.perf_counter()
-        self.root.mkdir(parents=True, exist_ok=True)
-        _remove_orphaned_staging(self.root)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{os.getpid()}-", dir=self.root))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _remove_orphaned_staging(self.root)
+            staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{os.getpid()}-", dir=self.root))
+        except OSError as exc:
+            raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ADVICE) or exc) from exc
         try:
             shapes, dtypes = self._compute(staging, compute, images, torch.float16)
             if shapes is None:
@@ -91,6 +103,11 @@ class FeatureStore:
                 os.rename(staging, entry)
             except OSError:  # another job finished the same entry first: theirs is identical
                 pass
+        except OSError as exc:
+            clear = write_failure(self.root, "the feature cache", exc, CACHE_ADVICE)
+            if clear is None:
+                raise
+            raise CacheUnwritable(clear) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         seconds = time.perf_counter() - start
@@ -100,25 +117,34 @@ class FeatureStore:
         )
 
     def _compute(self, staging: Path, compute: Compute, images: DataLoader, float_dtype: torch.dtype):
-        arrays, offset = None, 0
-        with torch.inference_mode():
-            for x, _ in images:
-                values = self.to_storage(compute(x), float_dtype)
-                if values is None:
-                    return None, None  # beyond float16's range
-                if arrays is None:
-                    arrays = [
-                        np.lib.format.open_memmap(
-                            staging / f"cut{i}.npy", mode="w+", dtype=v.numpy().dtype, shape=(len(images.dataset), *v.shape[1:])
-                        )
-                        for i, v in enumerate(values)
-                    ]
-                for array, value in zip(arrays, values):
-                    array[offset : offset + len(x)] = value.contiguous().numpy()
-                offset += len(x)
-        for array in arrays:
-            array.flush()
-        return [list(a.shape) for a in arrays], [str(a.dtype) for a in arrays]
+        """Write each value's .npy batch by batch, after checking the disk has room for all of it.
+
+        Plain writes, not a memory map: on a full disk a write fails with ENOSPC, where a memory
+        map's page would kill the process with SIGBUS.
+        """
+        files, shapes, dtypes = [], None, None
+        try:
+            with torch.inference_mode():
+                for x, _ in images:
+                    values = self.to_storage(compute(x), float_dtype)
+                    if values is None:
+                        return None, None  # beyond float16's range
+                    if shapes is None:
+                        n = len(images.dataset)
+                        shapes = [[n, *v.shape[1:]] for v in values]
+                        dtypes = [v.numpy().dtype for v in values]
+                        needed = sum(n * v[0].numel() * v.element_size() for v in values)
+                        check_room(staging, "the feature cache", needed, CACHE_ADVICE, CacheUnwritable)
+                        for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+                            files.append(open(staging / f"cut{i}.npy", "wb"))  # noqa: SIM115 -- closed below
+                            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+                            np.lib.format.write_array_header_2_0(files[-1], header)
+                    for f, value in zip(files, values):
+                        f.write(value.contiguous().numpy().tobytes())
+        finally:
+            for f in files:
+                f.close()
+        return shapes, [str(d) for d in dtypes]
 
     def to_storage(self, raw: tuple[torch.Tensor, ...], float_dtype: torch.dtype) -> list[torch.Tensor] | None:
         """Computed values (on the model's device) -> CPU tensors of the stored dtype; None if one overflows it."""

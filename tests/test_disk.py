@@ -1,0 +1,109 @@
+"""A full disk and read-only folders, on small tmpfs mounts: one clear line and a record, never a traceback or SIGBUS.
+
+Mounting needs root (CAP_SYS_ADMIN), as on the development and CI machines; elsewhere these tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_metrics, train
+
+RESNET18 = ("model=resnet18",)  # its checkpoint (~45 MB) does not fit a 20 MB disk
+
+
+def _mount(folder: Path, size: str, *options: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(folder)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): needs root")
+
+
+@pytest.fixture
+def mounts():
+    """``mount(folder, size, *options)``; everything mounted is unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str, *options: str) -> Path:
+        _mount(folder, size, *options)
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` up to ``leave`` free bytes with a real (not sparse) file."""
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+def _one_clear_line(result) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_checkpoint_that_does_not_fit_ends_with_a_clear_line_and_a_record(tmp_path, tiny_tree, mounts):
+    disk = mounts(tmp_path / "disk", "20m")
+    result = train(disk / "run", tiny_tree, *RESNET18, check=False)
+    line = _one_clear_line(result)
+    assert line.startswith("tlexp-train: error: no space left on the disk of") and "best.ckpt" in line and "MB needed" in line
+    metrics = read_metrics(disk / "run")
+    assert metrics["status"] == "failed" and "no space left" in metrics["error"]
+    assert not list((disk / "run" / "checkpoints").iterdir())  # no half checkpoint left to fill the disk
+
+
+def test_a_disk_already_full_still_gets_the_record(tmp_path, tiny_tree, mounts):
+    """The run keeps 1 MiB of ballast from its start, released for the record whatever filled the disk."""
+    disk = mounts(tmp_path / "disk", "20m")
+    _fill(disk, leave=1300 << 10)
+    result = train(disk / "run", tiny_tree, *RESNET18, check=False)
+    assert "no space left" in _one_clear_line(result)
+    assert read_metrics(disk / "run")["status"] == "failed"
+    assert not (disk / "run" / ".tlexp.reserve").exists()
+
+
+def test_a_full_cache_disk_turns_the_cache_off_and_the_run_goes_on(tmp_path, tiny_tree, mounts):
+    """Before: the cache's memory map died of SIGBUS on a full tmpfs (no message, no metrics.json)."""
+    cache = mounts(tmp_path / "cache", "1m")
+    _fill(cache, leave=16 << 10)
+    run = tmp_path / "run"
+    result = train(run, tiny_tree, *RESNET18, f"perf.cache_dir={cache / 'feature_cache'}", check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = read_metrics(run)
+    assert metrics["status"] == "completed"
+    assert "no space left on the disk of" in metrics["feature_cache_off"]
+    assert "feature cache turned off for the rest of this run" in (run / "train.log").read_text()
+    assert not [p for p in (cache / "feature_cache").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_read_only_cache_dir_trains_without_the_cache(tmp_path, tiny_tree, mounts):
+    cache = mounts(tmp_path / "cache", "1m", "ro")
+    run = tmp_path / "run"
+    result = train(run, tiny_tree, *RESNET18, f"perf.cache_dir={cache / 'feature_cache'}", check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Read-only file system" in read_metrics(run)["feature_cache_off"]
+
+
+def test_a_read_only_run_dir_is_refused_in_one_line(tmp_path, tiny_tree, mounts):
+    disk = mounts(tmp_path / "disk", "1m", "ro")
+    line = _one_clear_line(train(disk / "run", tiny_tree, *RESNET18, check=False))
+    assert line == f"tlexp-train: error: {disk} is not writable (read-only or no permission): give hydra.run.dir= a folder you can write"
+
+
+def test_resuming_a_run_on_a_disk_made_read_only_is_refused_in_one_line(tmp_path, tiny_tree, mounts):
+    disk = mounts(tmp_path / "disk", "200m")
+    train(disk / "run", tiny_tree, *RESNET18, "strategy=frozen")
+    (disk / "run" / "metrics.json").unlink()  # as if it had been killed: resume=true continues it
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    line = _one_clear_line(train(disk / "run", tiny_tree, *RESNET18, "strategy=frozen", "resume=true", check=False))
+    assert line.startswith(f"tlexp-train: error: {disk / 'run'} is not writable")
