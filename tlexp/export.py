@@ -135,12 +135,6 @@ def job(cfg: DictConfig) -> None:
         print(f"batch 1: torch {s['torch']:.2f} ms, onnxruntime {s['onnxruntime']:.2f} ms ({s['torch_over_onnxruntime']:.2f}x)")
 
 
-if __name__ == "__main__":
-    from tlexp.cli import export
-
-    export()
-
-
 def _import_onnxruntime(data_dir: Path):
     """onnxruntime writes a device id and a small database under $XDG_CACHE_HOME (~/.cache) when it is
     imported: they go to tlexp's data dir instead, with everything else tlexp keeps outside a run."""
@@ -154,3 +148,9 @@ def _import_onnxruntime(data_dir: Path):
         else:
             os.environ["XDG_CACHE_HOME"] = previous
     return onnxruntime
+
+
+if __name__ == "__main__":
+    from tlexp.cli import export
+
+    export()
