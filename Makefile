@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[dev,timm,offline-weights,export,scale]"
+	$(PIP) install -q -e ".[dev,timm,offline-weights,export,scale,loggers]"
 	touch $@
 
 install: $(VENV)/.installed

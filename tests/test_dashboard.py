@@ -71,7 +71,8 @@ def test_lr_finder_suggests_without_overriding_by_default(dashboard_run):
 
 
 def test_lr_finder_suggestion_can_be_used(tiny_tree, tmp_path):
-    train(tmp_path / "run", tiny_tree, "tune.lr_find=true", "tune.num_training=20", "tune.use_suggestion=true", "model=resnet18")
+    result = train(tmp_path / "run", tiny_tree, "tune.lr_find=true", "tune.num_training=20", "tune.use_suggestion=true", "model=resnet18")
+    assert "Finding best initial lr" not in result.stderr  # issue 16: no tqdm bar where the run shows none
     metrics = read_metrics(tmp_path / "run")
     assert metrics["lr_find"]["used"] is True and metrics["lr"] == metrics["lr_find"]["suggestion"]
     head = _events(tmp_path / "run").Scalars("lr-Adam/head")[0].value

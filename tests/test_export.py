@@ -15,7 +15,6 @@ from tlexp.data.images import load_rgb
 from tlexp.data.transforms import eval_transform
 from tlexp.predict import load_model
 
-
 # onnxruntime 1.32 writes no device id at all where one of these is set (names read from its library);
 # CI sets CI=true, so the check below clears them to see where the write goes.
 ORT_NO_TELEMETRY_VARS = (

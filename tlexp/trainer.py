@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, RichProgressBar
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from tlexp.callbacks.dashboard import TestDashboard
 from tlexp.callbacks.reseed import ReseedEachEpoch
@@ -62,7 +62,12 @@ def _check_distributed(cfg: DictConfig, trainer: pl.Trainer) -> None:
 
 
 def log_hparams(trainer: pl.Trainer, cfg: DictConfig, record: dict) -> None:
-    """TensorBoard's HParams tab: the run's settings (``lr`` as trained with) against its final metrics."""
+    """TensorBoard's HParams tab: the run's settings (``lr`` as trained with) against its final metrics.
+
+    Trackers (logger=mlflow | wandb) get the same, the settings under ``run/``: MLflow refuses a
+    param logged twice with another value, and Lightning has already logged the module's (e.g.
+    ``image_size`` as configured, null, where this has the size trained at).
+    """
     augment = cfg.data.augment
     hparams = {
         "model": cfg.model.name, "strategy": record["strategy"], "seed": cfg.seed, "lr": record["lr"],
@@ -71,7 +76,7 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, record: dict) -> None:
         "loss": cfg.loss.name, "label_smoothing": cfg.loss.get("label_smoothing", 0.0), "batch_size": cfg.data.batch_size,
         "backbone_lr_factor": cfg.finetune.backbone_lr_factor, "dropout": cfg.model.head.dropout,
         "image_size": record.get("preprocessing", {}).get("crop_size") or str(cfg.data.image_size),
-        "augment": f"hflip={augment.hflip} crop_scale={list(augment.crop_scale)} rotation={augment.rotation} shear={augment.shear}",
+        "augment": f"hflip={augment.hflip} crop_scale={list(augment.crop_scale)} rotation={augment.rotation} shear={augment.shear} policy={augment.policy}",
         "cached_views": f"{augment.cached_views.phase_a}/{augment.cached_views.phase_b}" if cfg.perf.feature_cache else "off",
         "precision": record["precision"], "perf": cfg.perf.name,
         "phase_a_epochs": cfg.finetune.phase_a_epochs, "phase_b_epochs": cfg.finetune.phase_b_epochs,
@@ -80,3 +85,6 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, record: dict) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams, metrics=final)
+        elif not isinstance(logger, CSVLogger):  # csv/ holds the epochs; metrics.json the rest
+            logger.log_hyperparams({f"run/{k}": v for k, v in hparams.items()})
+            logger.log_metrics(final)

@@ -20,6 +20,10 @@ def tensorboard_writers(trainer) -> list:
 
 
 def confusion_figure(matrix: list[list[int]], names: list[str]):
+    """Counts as text, colour by row share (recall), so a rare class's errors show on imbalanced data.
+
+    Not torchmetrics' ``ConfusionMatrix.plot()``: it colours and labels cells with one matrix, counts or shares, not both.
+    """
     plt = pyplot()
     counts = torch.tensor(matrix, dtype=torch.float64)
     recall = counts / counts.sum(1, keepdim=True).clamp(min=1)

@@ -9,11 +9,15 @@ the weights after the search.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BaseFinetuning
 from pytorch_lightning.tuner import Tuner
+from pytorch_lightning.tuner import lr_finder as lightning_lr_finder
 
 from tlexp.callbacks.dashboard import tensorboard_writers
 from tlexp.errors import TlexpError
@@ -34,10 +38,15 @@ def find_lr(trainer: pl.Trainer, module, datamodule, tune: dict, run_dir: Path) 
         logger=False, callbacks=[cache] if cache else [], enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=run_dir, reload_dataloaders_every_n_epochs=1,
     )
-    finder = Tuner(search).lr_find(
-        module, datamodule=datamodule, min_lr=tune["min_lr"], max_lr=tune["max_lr"],
-        num_training=tune["num_training"], update_attr=tune["use_suggestion"], attr_name="learning_rate",
-    )
+    # Lightning's search draws its own tqdm bar (tuner/lr_finder.py's _LRCallback, whatever the trainer's
+    # bar): it stays where the run shows Rich bars, and is silenced where the run shows none.
+    shown = trainer.progress_bar_callback is not None
+    quiet = nullcontext() if shown else mock.patch.object(lightning_lr_finder, "tqdm", partial(lightning_lr_finder.tqdm, disable=True))
+    with quiet:
+        finder = Tuner(search).lr_find(
+            module, datamodule=datamodule, min_lr=tune["min_lr"], max_lr=tune["max_lr"],
+            num_training=tune["num_training"], update_attr=tune["use_suggestion"], attr_name="learning_rate",
+        )
     suggestion = finder.suggestion()
     if suggestion is None:
         raise TlexpError(

@@ -1,16 +1,20 @@
 """Eval-time preprocessing a backbone expects, and the train/eval transforms built from it.
 
-The numbers come from the weights (torchvision's ``transforms()``, timm's pretrained config) so a
+The numbers come from the weights (torchvision's ``transforms()``, timm's ``resolve_model_data_config``) so a
 fine-tuned model sees images the way it saw them in pre-training.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,14 +50,18 @@ def from_torchvision_weights(weights) -> Preprocessing:
     )
 
 
-def from_timm_config(pretrained_cfg: dict) -> Preprocessing:
-    crop = int(pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+def from_timm_model(model) -> Preprocessing:
+    """timm's own resolution (``resolve_model_data_config``) and eval resize, ``floor(crop / crop_pct)`` as
+    in its ``transforms_imagenet_eval``. Its crop modes other than centre (a few models) are not reproduced."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    if cfg.get("crop_mode", "center") != "center":
+        log.warning("timm's crop_mode=%s for this model: tlexp resizes and centre-crops instead", cfg["crop_mode"])
+    crop = int(cfg["input_size"][-1])
     return Preprocessing(
-        crop_size=crop,
-        resize_size=int(crop / pretrained_cfg.get("crop_pct", 0.875) + 0.5),
-        mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(pretrained_cfg.get("std", IMAGENET_STD)),
-        interpolation=pretrained_cfg.get("interpolation", "bilinear"),
+        crop_size=crop, resize_size=math.floor(crop / cfg["crop_pct"]),
+        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"],
     )
 
 

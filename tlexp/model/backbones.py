@@ -112,8 +112,7 @@ def _timm_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
             model = timm.create_model(name, pretrained=True)
     else:
         raise TlexpError(f"model.weights for timm is DEFAULT, a file path, null or one of {list(OFFLINE_WEIGHTS)}")
-    pretrained_cfg = model.pretrained_cfg if weights is not None else {}
-    return model, prep.from_timm_config(pretrained_cfg)
+    return model, prep.from_timm_model(model) if weights is not None else prep.Preprocessing()
 
 
 def build_imagenet_model(source: str, name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
