@@ -141,3 +141,14 @@ def test_damaged_last_checkpoint_falls_back_to_an_intact_one(tmp_path, tree, uni
     assert "last.ckpt is damaged" in (broken / "train.log").read_text()
     assert (broken / "checkpoints" / "last.ckpt.damaged").stat().st_size == 1000  # kept, not lost
     _assert_same_run(broken, uninterrupted("fast", 0))
+
+
+def test_ema_killed_at_the_phase_switch_resumes_exactly(tmp_path, tree):
+    """callbacks=ema: the average and the training weights both continue from last.ckpt."""
+    schedule = (*SCHEDULE, "perf=fast", "data.num_workers=0", "callbacks=ema", "callbacks.ema.decay=0.9")
+    whole = tmp_path / "whole"
+    train(whole, tree, *schedule)
+    resumed = _kill_and_resume(tmp_path, tree, schedule, "phase_switch")
+    _assert_same_run(resumed, whole)
+    a, b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"] for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -38,6 +38,7 @@ NUMERIC = {
     "tune.max_lr": (NUMBER, 1e-12, None, False),
     "tune.num_training": (INT, 2, None, False),
     "dashboard.misclassified_images": (INT, 0, None, False),
+    "callbacks.ema.decay": (NUMBER, 0.0, 1.0, True),  # callbacks=ema only
 }
 CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
