@@ -128,12 +128,14 @@ def _full_model_val_loss(run_dir):
     return float(sum(losses) / sum(sizes))
 
 
-@pytest.mark.parametrize(("strategy", "compile_from"), [("blocks_2", "null"), ("layers_5", "null"), ("blocks_2", "0")])
-def test_cached_training_reports_what_the_model_computes(tmp_path, tiny_tree, data_cache_dir, strategy, compile_from):
-    """The last epoch's val loss, computed on cached prefix values, is the full model's on images."""
+@pytest.mark.parametrize(
+    ("strategy", "compile_from", "tta"), [("blocks_2", "null", "none"), ("layers_5", "null", "none"), ("blocks_2", "0", "none"), ("blocks_2", "null", "flip")]
+)
+def test_cached_training_reports_what_the_model_computes(tmp_path, tiny_tree, data_cache_dir, strategy, compile_from, tta):
+    """The last epoch's val loss, computed on cached prefix values, is the full model's on images (with flip TTA too)."""
     run = tmp_path / "run"
     train(
-        run, tiny_tree, "model=resnet18", f"strategy={strategy}", "finetune.phase_b_epochs=2",
+        run, tiny_tree, "model=resnet18", f"strategy={strategy}", "finetune.phase_b_epochs=2", f"model.tta={tta}",
         f"perf.compile_prefix_min_images={compile_from}", "data.batch_size=16",  # 21 train images: a short last batch
         # fp32 on any CPU: under bf16-mixed (precision=auto on AVX-512 BF16 CPUs) compiled and eager
         # outputs differ by ~7e-3, beyond the 1e-3 check, so the prefix rightly stays eager there
@@ -142,6 +144,7 @@ def test_cached_training_reports_what_the_model_computes(tmp_path, tiny_tree, da
     log = (run / "train.log").read_text()
     assert "phase A: frozen prefix cached up to" in log and "phase B: frozen prefix cached up to" in log
     assert log.count("frozen prefix: compiled") == (2 if compile_from == "0" else 0)
+    assert ("phase B val mirrored" in log) == (tta == "flip")
     last = read_metrics(run)["history"][-1]
     assert last["val_loss"] == pytest.approx(_full_model_val_loss(run), rel=2e-3)
 

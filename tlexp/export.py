@@ -24,6 +24,7 @@ from tlexp.data.files import SUBSETS
 from tlexp.data.images import bad_image_policy, load_rgb
 from tlexp.data.transforms import eval_transform
 from tlexp.errors import TlexpError
+from tlexp.model.module import MirrorAveraged
 from tlexp.predict import list_images, load_model
 from tlexp.speed.timing import inference_runtime, median_seconds
 
@@ -52,6 +53,8 @@ def export(cfg: DictConfig) -> dict:
     # NCHW: torch.export cannot take a dynamic batch in channels_last
     module, pre, _ = load_model(str(ckpt), channels_last=False)
     model = nn.Sequential(module.backbone, module.head).eval()
+    if module.tta == "flip":  # the served model is the one tested: with its mirror average
+        model = MirrorAveraged(model).eval()
     files = list_images(str(cfg.images)) if cfg.images else _images_of_run(ckpt)
     if not files:
         raise TlexpError("no images to verify the export on: pass images=<file|folder|glob> (the run's split.csv was not found)")
@@ -87,9 +90,9 @@ def export(cfg: DictConfig) -> dict:
         ort = _import_onnxruntime(Path(cfg.paths.data_dir))
         path = out / "model.onnx"
         batch_dim = torch.export.Dim("batch", min=1, max=1024)
-        torch.onnx.export(
-            model, (example,), path, input_names=["image"], output_names=["logits"],
-            dynamic_shapes={"input": {0: batch_dim}}, dynamo=True, external_data=False, verbose=False,
+        torch.onnx.export(  # traced at batch 2: an example of 1 lets torch.export fix the batch size to 1
+            model, (example.repeat(2, 1, 1, 1),), path, input_names=["image"], output_names=["logits"],
+            dynamic_shapes=({0: batch_dim},), dynamo=True, external_data=False, verbose=False,
         )
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()

@@ -165,6 +165,7 @@ def completed_record(
         "unfrozen_modules": [u.name for u in units],
         "lr": module.learning_rate,
         "preprocessing": module.preprocessing.as_dict(),
+        "tta": module.tta,  # flip: val and test figures (and predict, export) average each image with its mirror
         **extra,
         "run_dir": str(run_dir),
         "run": identity,

@@ -49,21 +49,26 @@ class eval_mode:
 
 
 class CachedPrefixDataset(Dataset):
-    """Items ``({"inputs": cut values}, label)``; accepts the sampler's ``(index, seed)`` keys.
+    """Items ``({"inputs": cut values}, label)``, plus ``"mirrored"`` (the mirror images' values) for flip
+    TTA; accepts the sampler's ``(index, seed)`` keys.
 
     Values keep the store's dtype: the module widens whole batches, not every item.
     """
 
-    def __init__(self, tensors: list[torch.Tensor], labels: list[int]):
+    def __init__(self, tensors: list[torch.Tensor], labels: list[int], mirrored: list[torch.Tensor] | None = None):
         self.tensors = tensors
         self.labels = labels
+        self.mirrored = mirrored
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
-        return {"inputs": [t[index] for t in self.tensors]}, self.labels[index]
+        item = {"inputs": [t[index] for t in self.tensors]}
+        if self.mirrored is not None:
+            item["mirrored"] = [t[index] for t in self.mirrored]
+        return item, self.labels[index]
 
 
 class ViewDataset(Dataset):

@@ -101,9 +101,12 @@ class FrozenPrefixCache(Callback):
             "device": runner.device.type, "precision": _precision_name(module),
         }
         label = f"phase {phase} {subset}" + ("" if view is None else f" view {view + 1}/{views}")
+        mirrored = None
         with eval_mode(cut.prefix):
             tensors = self.store.get(key, runner, Pixels(pixels), label)
-        return CachedPrefixDataset(tensors, [s.label for s in datamodule.split[subset]])
+            if subset != "train" and module.tta == "flip":  # the mirrors of the eval crops: flipping commutes with normalizing
+                mirrored = self.store.get(key | {"mirrored": True}, runner, Pixels(pixels.flip(-1)), f"{label} mirrored")
+        return CachedPrefixDataset(tensors, [s.label for s in datamodule.split[subset]], mirrored)
 
     def _cut(self, phase: str, trainable, module) -> tuple[PrefixCut, str] | None:
         if phase not in self.cuts:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
@@ -29,6 +31,30 @@ def make_head(feature_dim: int, num_classes: int, hidden_dim: int | None, dropou
         layers += [nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True)]
         feature_dim = hidden_dim
     return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+
+
+def mirror_average(logits: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: log of the mean of the two views' class probabilities (softmax of
+    the result is that mean, so the loss, the metrics and tlexp-predict see one ensemble)."""
+    return torch.logaddexp(logits.log_softmax(1), mirrored.log_softmax(1)) - math.log(2)
+
+
+def with_mirror(net, x: torch.Tensor) -> torch.Tensor:
+    """``net`` on a batch and its horizontal mirror, in one pass of 2N images."""
+    n = x.shape[0]  # a size, not len(): torch.export keeps the batch dynamic (chunk(2) and len() would fix it)
+    logits = net(torch.cat([x, x.flip(-1)]))
+    return mirror_average(logits[:n], logits[n:])
+
+
+class MirrorAveraged(nn.Module):
+    """An exportable image -> logits network with flip TTA (tlexp-export of a model.tta=flip run)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return with_mirror(self.net, x)
 
 
 class TransferModule(pl.LightningModule):
@@ -69,6 +95,8 @@ class TransferModule(pl.LightningModule):
         self.preprocessing: Preprocessing = built.preprocessing.at_size(image_size)
         # The head's rate; Lightning's LR finder (tune.use_suggestion) sets it under this name.
         self.learning_rate: float = optim["lr"]
+        # model.tta=flip: evaluation (validation, test, predict, export) averages each image with its mirror
+        self.tta = model.get("tta", "none")
         # trainable parameters -> graph from the frozen-prefix cache's values to pooled features. A plain
         # dict, outside the module tree: it shares the backbone's modules, and the checkpoint keys stay the backbone's.
         self._suffixes: dict[frozenset[int], nn.Module] = {}
@@ -101,11 +129,18 @@ class TransferModule(pl.LightningModule):
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def forward(self, x: torch.Tensor | dict) -> torch.Tensor:
-        """Images, or the values the frozen prefix computed from them (``{"inputs": [...]}``, tlexp/features/)."""
+        """Images, or the values the frozen prefix computed from them (``{"inputs": [...]}``, tlexp/features/;
+        with flip TTA the mirrors' too, ``"mirrored"``)."""
+        mirror = self.tta == "flip" and not self.training
         if isinstance(x, dict):
             # Cached values arrive in their stored dtype (fp16 where exact enough): widened per batch.
-            return self.head(self._suffix()(*(self._layout(v.float()) for v in x["inputs"])))
-        return self.head(self.backbone(self._layout(x)))
+            run = lambda values: self.head(self._suffix()(*(self._layout(v.float()) for v in values)))
+            return mirror_average(run(x["inputs"]), run(x["mirrored"])) if mirror else run(x["inputs"])
+        images = self._layout(x)
+        return with_mirror(self._images_to_logits, images) if mirror else self._images_to_logits(images)
+
+    def _images_to_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
 
     def _suffix(self) -> nn.Module:
         """The backbone from the cut in front of what trains now: the same cut the cache was built at."""
