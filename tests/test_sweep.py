@@ -93,7 +93,7 @@ def test_table_of_an_empty_directory_is_a_clear_error(tmp_path, capsys):
     assert "no metrics.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("experiment,n", [("seed_table", 14), ("seed_table_offline", 7)])
+@pytest.mark.parametrize("experiment,n", [("seed_table", 14), ("seed_table_offline", 7), ("seed_table_offline_repeats", 21)])
 def test_experiments_define_the_reference_sweeps(experiment, n):
     from hydra import compose, initialize_config_dir
 
@@ -104,7 +104,7 @@ def test_experiments_define_the_reference_sweeps(experiment, n):
     params = cfg.hydra.sweeper.params
     strategies = params.strategy.split(",")
     assert strategies == ["frozen", "layers_5", "layers_10", "layers_40", "blocks_2", "blocks_4", "blocks_10"]
-    assert len(strategies) * len(params.get("model", cfg.model.name).split(",")) == n
+    assert len(strategies) * len(params.get("model", cfg.model.name).split(",")) * len(params.get("seed", "42").split(",")) == n
     assert (cfg.finetune.phase_a_epochs, cfg.finetune.phase_b_epochs) == (5, 15)
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.data.kind == "tf_flowers"
 
