@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tlexp.report.repeats import repeat_groups
-from tlexp.report.table import load_rows
+from tlexp.report.table import load_rows, swept
 from tlexp.report.table import main as table_main
 
 # (strategy, seed, test_acc): frozen and blocks_2 far apart, blocks_2 and blocks_4 within their spread
@@ -45,3 +45,15 @@ def test_the_table_writes_the_seed_summary_and_error_bars(sweep, capsys):
     assert "lite0 · blocks_2 vs lite0 · frozen: +11.00 pt" in summary and "beyond the spread" in summary
     assert (sweep / "accuracy_vs_cost.png").stat().st_size > 10_000
     assert "table_seeds.md" in capsys.readouterr().out
+
+
+def test_sweeps_of_one_seed_each_combine_under_one_parent(sweep, tmp_path_factory):
+    """Repeats run in separate sweeps (seed 1 one day, seed 2 the next) group as if swept together."""
+    parent = tmp_path_factory.mktemp("study")
+    for job in sorted(sweep.iterdir()):
+        target = parent / f"seed{json.loads((job / 'metrics.json').read_text())['seed']}"
+        target.mkdir(exist_ok=True)
+        job.rename(target / job.name)
+    rows = load_rows(parent)
+    groups = repeat_groups(rows, swept(rows))
+    assert [(g["strategy"], g["n"]) for g in groups] == [("frozen", 2), ("blocks_2", 2), ("blocks_4", 2)]
