@@ -238,3 +238,12 @@ def test_cfg_job_refuses_what_the_run_would_refuse(overrides, error):
     assert "Traceback" not in result.stderr and result.stdout == ""
     shown = run_cli("--cfg", "job", "model=resnet18", "strategy=blocks_2", "optim.lr=0.01")
     assert shown.returncode == 0 and "strategy: blocks_2" in shown.stdout and "lr: 0.01" in shown.stdout
+
+
+def test_a_default_run_prints_no_warning(tmp_path, tiny_tree):
+    """Issue 16: nothing a user cannot act on (Lightning's tips, library warnings) in a run with default settings."""
+    result = run_cli("model.weights=null", "data=imagefolder", f"data.root={tiny_tree}", "data.image_size=32", "data.num_workers=0",
+                     "finetune.phase_a_epochs=1", "finetune.phase_b_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    noisy = [line for line in (result.stdout + result.stderr).splitlines() if "warn" in line.lower() or "tip" in line.lower()]
+    assert noisy == []
