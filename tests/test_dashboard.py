@@ -44,7 +44,7 @@ def test_tensorboard_shows_rates_phases_and_test_images(dashboard_run):
     # issue 16: step-level loss, and HParams with every setting that moves results
     assert "train/loss_step" in tags["scalars"]
     start = plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
-    assert {"weight_decay", "scheduler", "label_smoothing", "dropout", "image_size", "augment", "precision", "perf"} <= set(
+    assert {"weight_decay", "scheduler", "label_smoothing", "dropout", "image_size", "augment", "precision", "perf", "ema_decay", "tta"} <= set(
         start.session_start_info.hparams
     )
 

@@ -68,7 +68,7 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, record: dict) -> None:
     param logged twice with another value, and Lightning has already logged the module's (e.g.
     ``image_size`` as configured, null, where this has the size trained at).
     """
-    augment = cfg.data.augment
+    augment, ema_decay = cfg.data.augment, OmegaConf.select(cfg, "callbacks.ema.decay")
     hparams = {
         "model": cfg.model.name, "strategy": record["strategy"], "seed": cfg.seed, "lr": record["lr"],
         "optimizer": optimizer_name(cfg.optim), "weight_decay": cfg.optim.get("weight_decay", 0.0),
@@ -78,7 +78,7 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, record: dict) -> None:
         "image_size": record.get("preprocessing", {}).get("crop_size") or str(cfg.data.image_size),
         "augment": f"hflip={augment.hflip} crop_scale={list(augment.crop_scale)} rotation={augment.rotation} shear={augment.shear} policy={augment.policy}",
         "cached_views": f"{augment.cached_views.phase_a}/{augment.cached_views.phase_b}" if cfg.perf.feature_cache else "off",
-        "precision": record["precision"], "perf": cfg.perf.name, "ema_decay": OmegaConf.select(cfg, "callbacks.ema.decay") or "off", "tta": record["tta"],
+        "precision": record["precision"], "perf": cfg.perf.name, "ema_decay": "off" if ema_decay is None else ema_decay, "tta": record["tta"],
         "phase_a_epochs": cfg.finetune.phase_a_epochs, "phase_b_epochs": cfg.finetune.phase_b_epochs,
     }
     final = {f"final/{k}": record[k] for k in ("train_acc", "val_acc", "test_acc", "test_f1_macro") if record[k] is not None}
