@@ -39,6 +39,8 @@ NUMERIC = {
     "tune.num_training": (INT, 2, None, False),
     "dashboard.misclassified_images": (INT, 0, None, False),
     "callbacks.ema.decay": (NUMBER, 0.0, 1.0, True),  # callbacks=ema only
+    "data.augment.mixup_alpha": (NUMBER, 0.0, None, True),
+    "data.augment.cutmix_alpha": (NUMBER, 0.0, None, True),
 }
 CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
@@ -70,5 +72,20 @@ def check_config(cfg) -> None:
         for key, choices in CHOICES.items()
         if OmegaConf.select(cfg, key) not in choices
     ]
+    problems += _mixing_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
+
+
+def _mixing_problems(cfg) -> list[str]:
+    """MixUp / CutMix mix images and give class probabilities as labels."""
+    mixing = [k for k in ("mixup_alpha", "cutmix_alpha") if (OmegaConf.select(cfg, f"data.augment.{k}") or 0) > 0]
+    if not mixing:
+        return []
+    keys = " and ".join(f"data.augment.{k}" for k in mixing)
+    problems = []
+    if OmegaConf.select(cfg, "perf.feature_cache"):
+        problems.append(f"{keys} mix images, and perf.feature_cache trains on cached features: use perf=naive (or perf.feature_cache=false)")
+    if OmegaConf.select(cfg, "loss.name") != "ce":
+        problems.append(f"{keys} give soft labels, which only loss=ce takes (not loss={OmegaConf.select(cfg, 'loss.name')})")
+    return problems

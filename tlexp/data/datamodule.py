@@ -18,6 +18,7 @@ from tlexp.data.download import download_and_extract
 from tlexp.data.images import bad_image_policy, load_rgb
 from tlexp.data.transforms import (
     Preprocessing,
+    batch_mixing,
     eval_geometry,
     eval_transform,
     train_geometry,
@@ -91,6 +92,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self.skipped: dict[str, str] = {}  # relative path -> why it was skipped (data.on_bad_image=skip)
         self._image_loaders: dict[str, DataLoader] = {}
+        self._mixing = None  # MixUp / CutMix of training batches, set with the classes (setup)
 
     @classmethod
     def from_config(cls, cfg, split_file: Path | None = None) -> ImageDataModule:
@@ -138,6 +140,7 @@ class ImageDataModule(pl.LightningDataModule):
         for subset in ("train", "val", "test"):
             if not self.split[subset]:
                 raise TlexpError(f"the {subset} split is empty: add images, raise data.limit_per_class or change data.split")
+        self._mixing = batch_mixing(self.cfg.augment, len(self.class_names))
         if self.split_file is not None:
             files.write_split(self.split_file, self.root, self.split, self.class_names)
         log.info(
@@ -213,6 +216,12 @@ class ImageDataModule(pl.LightningDataModule):
         epoch's iterator while ``current_epoch`` still names the finished one.
         """
         return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """MixUp / CutMix (``data.augment.mixup_alpha`` / ``cutmix_alpha``) on training batches, on their device."""
+        if self.trainer is not None and self.trainer.training and self._mixing is not None:
+            return self._mixing(*batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -103,3 +103,14 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
 
 def train_transform(pre: Preprocessing, augment) -> T.Compose:
     return T.Compose([train_geometry(pre, augment), to_model_input(pre)])
+
+
+def batch_mixing(augment, num_classes: int) -> T.Transform | None:
+    """torchvision's MixUp and/or CutMix on a training batch (one of the two per batch when both are
+    on; labels become class probabilities), or None when ``data.augment`` asks for neither."""
+    mixes = [
+        mix(alpha=alpha, num_classes=num_classes)
+        for mix, alpha in ((T.MixUp, augment.get("mixup_alpha", 0.0)), (T.CutMix, augment.get("cutmix_alpha", 0.0)))
+        if alpha > 0
+    ]
+    return None if not mixes else mixes[0] if len(mixes) == 1 else T.RandomChoice(mixes)

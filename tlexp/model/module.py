@@ -154,7 +154,7 @@ class TransferModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
-        accuracy(logits, y)
+        accuracy(logits, y if y.dim() == 1 else y.argmax(1))  # MixUp/CutMix labels: the larger share counts
         mean_loss = getattr(self, f"{stage}_loss")
         mean_loss(loss.detach(), weight=len(y))
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y))
