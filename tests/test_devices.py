@@ -35,8 +35,8 @@ class StoreOnMeta(FeatureStore):
         return [v if v.device.type == "cpu" else torch.zeros(v.shape, dtype=float_dtype) for v in raw]
 
 
-def _model_and_data(compose_cfg, tree):
-    cfg = compose_cfg(*FAST, f"data.root={tree}", "model=resnet18")
+def _model_and_data(compose_cfg, tree, *overrides):
+    cfg = compose_cfg(*FAST, f"data.root={tree}", "model=resnet18", *overrides)
     data = ImageDataModule(cfg.data, seed=cfg.seed)
     data.setup()
     module = TransferModule(
@@ -47,9 +47,9 @@ def _model_and_data(compose_cfg, tree):
     return module, ImageDataModule(cfg.data, seed=cfg.seed, preprocessing=module.preprocessing)
 
 
-@pytest.mark.parametrize("strategy", ["frozen", "blocks_2"])
-def test_cache_builder_runs_the_prefix_on_the_models_device(compose_cfg, tiny_tree, tmp_path, monkeypatch, strategy):
-    module, data = _model_and_data(compose_cfg, tiny_tree)
+@pytest.mark.parametrize(("strategy", "tta"), [("frozen", "none"), ("blocks_2", "none"), ("blocks_2", "flip")])
+def test_cache_builder_runs_the_prefix_on_the_models_device(compose_cfg, tiny_tree, tmp_path, monkeypatch, strategy, tta):
+    module, data = _model_and_data(compose_cfg, tiny_tree, f"model.tta={tta}")
     units = modules_to_unfreeze(module.backbone_spec, parse_strategy(strategy))
     module.to("meta")
     monkeypatch.setattr(cache_module, "tensor_digest", lambda m: "meta weights")  # no data to hash
@@ -59,6 +59,7 @@ def test_cache_builder_runs_the_prefix_on_the_models_device(compose_cfg, tiny_tr
     for subset, epoch in [("train", 0), ("val", 0), ("train", 1), ("val", 1)]:
         cached = cache.dataset(subset, epoch, module, data)
         assert cached is not None and len(cached) == len(data.split[subset])
+        assert ("mirrored" in cached[0][0]) == (tta == "flip" and subset == "val")
     # decoded pixels are kept on the CPU; every prefix output was computed where the model is
     assert set(store.devices) == {"cpu", "meta"}
 

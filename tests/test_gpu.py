@@ -31,6 +31,16 @@ def test_a_run_trains_and_times_on_the_gpu(tmp_path, tiny_tree, perf, strategy):
         assert "frozen prefix cached up to" in (run / "train.log").read_text()
 
 
+@pytest.mark.parametrize(
+    "levers", [("callbacks=ema", "model.tta=flip"), ("perf=naive", "data.augment.mixup_alpha=0.4", "data.augment.cutmix_alpha=1.0")]
+)
+def test_the_recipe_levers_run_on_the_gpu(tmp_path, tiny_tree, levers):
+    """EMA (its average on the model's device), flip TTA through the GPU cache, MixUp/CutMix after transfer."""
+    run = tmp_path / "run"
+    train(run, tiny_tree, *GPU, "model=resnet18", "strategy=blocks_2", *levers)
+    assert read_metrics(run)["status"] == "completed"
+
+
 def test_lr_finder_runs_through_the_gpu_cache(tmp_path, tiny_tree):
     run = tmp_path / "run"
     train(run, tiny_tree, *GPU, "model=resnet18", "tune.lr_find=true", "tune.num_training=20")
