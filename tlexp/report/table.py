@@ -153,17 +153,22 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow(cells + [row.get("status"), row.get("error", ""), row["job_dir"]])
 
 
-def _label(row: dict, keys: list[str]) -> str:
-    return " · ".join([f"{row['model']} · {row['strategy']}", *(f"{k}={row['overrides'].get(k, 'default')}" for k in keys)])
+def _label(row: dict, keys: list[str], with_model: bool = True) -> str:
+    head = [row["model"], row["strategy"]] if with_model else [row["strategy"]]
+    return " · ".join([*head, *(f"{k}={row['overrides'].get(k, 'default')}" for k in keys)])
 
 
-def _points(rows: list[dict], groups: list[dict], keys: list[str]) -> list[dict]:
+def _models(rows: list[dict]) -> set:
+    return {r.get("model") for r in rows if r.get("status") == "completed"}
+
+
+def _points(rows: list[dict], groups: list[dict], keys: list[str], with_model: bool) -> list[dict]:
     """One point per run, or per group of seed repeats (mean, with its std as an error bar)."""
     if not groups:
-        return [{**r, "acc": 100 * r["test_acc"], "err": 0.0, "label": _label(r, keys)} for r in rows if r.get("status") == "completed"]
+        return [{**r, "acc": 100 * r["test_acc"], "err": 0.0, "label": _label(r, keys, with_model)} for r in rows if r.get("status") == "completed"]
     return [
         {"model": g["model"], **{k: g[k][0] for k in ("trainable_params", "wall_time_s", "ms_per_image") if g[k] is not None},
-         "acc": 100 * g["test_acc"][0], "err": 100 * g["test_acc"][1], "label": f"{_label(g['rows'][0], keys)} (n={g['n']})"}
+         "acc": 100 * g["test_acc"][0], "err": 100 * g["test_acc"][1], "label": f"{_label(g['rows'][0], keys, with_model)} (n={g['n']})"}
         for g in groups
     ]
 
@@ -177,18 +182,21 @@ def accuracy_plot(rows: list[dict], sweep_dir: Path, groups: list[dict]) -> str:
     standard deviation the error bar. Returns the file's name.
     """
     plt = pyplot()
-    keys = swept(rows)
-    done = _points(rows, groups, keys)
-    one_network = len({r.get("model") for r in done}) <= 1
+    keys, models = swept(rows), _models(rows)
+    one_network = len(models) <= 1
+    done = _points(rows, groups, keys, with_model=not one_network)
     axes_spec = (
         [("trainable_params", "trainable parameters (log scale)", True), ("wall_time_s", "training wall time (s)", False)]
         if one_network else [("ms_per_image", "inference speed (ms/image, batch 1)", False)]
     )
     fig, axes = plt.subplots(1, len(axes_spec), figsize=(7 * len(axes_spec), 5.5), squeeze=False)
     for ax, (key, xlabel, log_x) in zip(axes[0], axes_spec):
+        labels: dict[tuple, list[str]] = {}  # runs that land on one spot (e.g. two names for one unfreezing) share a label
         for point in (p for p in done if p.get(key) is not None):
             ax.errorbar(point[key], point["acc"], yerr=point["err"] or None, fmt="o", markersize=6, capsize=4)
-            ax.annotate(point["label"], (point[key], point["acc"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            labels.setdefault((point[key], point["acc"]), []).append(point["label"])
+        for spot, names in labels.items():
+            ax.annotate(" = ".join(names), spot, textcoords="offset points", xytext=(5, 4), fontsize=7)
         if log_x:
             ax.set_xscale("log")
         ax.margins(x=0.15, y=0.08)
@@ -197,7 +205,7 @@ def accuracy_plot(rows: list[dict], sweep_dir: Path, groups: list[dict]) -> str:
         ax.grid(alpha=0.3)
     what = "what training costs (one network at inference)" if one_network else "inference time"
     each = "per setting: mean ± std over seeds" if groups else "one point per run"
-    fig.suptitle(f"Test accuracy against {what}, {each}")
+    fig.suptitle(f"{next(iter(models)) + ': ' if one_network and models else ''}Test accuracy against {what}, {each}")
     fig.tight_layout()
     name = "accuracy_vs_cost.png" if one_network else "accuracy_vs_speed.png"
     fig.savefig(sweep_dir / name, dpi=120)
@@ -209,7 +217,8 @@ def curves(rows: list[dict], path: Path) -> None:
     """Accuracy and loss per epoch, training dashed and validation solid, one colour per run."""
     plt = pyplot()
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(13, 5.5))
-    keys, switches = swept(rows), set()
+    keys, switches, models = swept(rows), set(), _models(rows)
+    with_model = len(models) > 1  # one model: named once, in the title
     for i, row in enumerate(r for r in rows if r.get("history")):
         colour = f"C{i % 10}"
         epochs = [e["epoch"] for e in row["history"]]
@@ -217,7 +226,7 @@ def curves(rows: list[dict], path: Path) -> None:
             for subset, style in (("train", "--"), ("val", "-")):
                 values = [scale * e[f"{subset}_{metric}"] if e.get(f"{subset}_{metric}") is not None else None for e in row["history"]]
                 ax.plot(epochs, values, style, color=colour, marker=".", alpha=0.85,
-                        label=_label(row, keys) if (subset, metric) == ("val", "acc") else None)
+                        label=_label(row, keys, with_model) if (subset, metric) == ("val", "acc") else None)
         if row.get("phase_b_epochs"):
             switches.add(row["phase_a_epochs"] - 0.5)
     for ax, ylabel in ((acc, "accuracy (%)"), (loss, "loss")):
@@ -226,7 +235,7 @@ def curves(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch (dotted: phase B starts)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    acc.set_title("Accuracy per epoch (solid: validation, dashed: training)")
+    acc.set_title(f"{'' if with_model or not models else next(iter(models)) + ': '}Accuracy per epoch (solid: validation, dashed: training)")
     loss.set_title("Loss per epoch (solid: validation, dashed: training)")
     if acc.get_legend_handles_labels()[0]:
         acc.legend(fontsize=7, ncol=1 + len(rows) // 8)
