@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tlexp.report.repeats import repeat_groups
+from tlexp.report.repeats import repeat_groups, separations
 from tlexp.report.table import load_rows, swept
 from tlexp.report.table import main as table_main
 
@@ -57,3 +57,12 @@ def test_sweeps_of_one_seed_each_combine_under_one_parent(sweep, tmp_path_factor
     rows = load_rows(parent)
     groups = repeat_groups(rows, swept(rows))
     assert [(g["strategy"], g["n"]) for g in groups] == [("frozen", 2), ("blocks_2", 2), ("blocks_4", 2)]
+
+
+def test_a_single_run_is_never_told_apart(sweep):
+    """n = 1 has no spread: its std is shown as 0, but no difference to it counts as beyond the spread."""
+    (sweep / "5_lite0_blocks_4" / "metrics.json").unlink()
+    (sweep / "5_lite0_blocks_4").rename(sweep.parent / "gone")
+    rows = load_rows(sweep)
+    lines = separations(repeat_groups(rows, swept(rows)))
+    assert any("vs lite0 · blocks_4" in line and "a single run has no spread" in line for line in lines)

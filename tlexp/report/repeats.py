@@ -69,7 +69,10 @@ def separations(groups: list[dict], key: str = "test_acc") -> list[str]:
     best, lines = scored[0], []
     for other in scored[1:]:
         gap, spread = best[key][0] - other[key][0], best[key][1] + other[key][1]
-        verdict = "beyond the spread" if gap > spread else "within the spread: not told apart"
+        if min(best["n"], other["n"]) < 2:  # one run has no spread to measure a gap against
+            verdict = "not told apart: a single run has no spread"
+        else:
+            verdict = "beyond the spread" if gap > spread else "within the spread: not told apart"
         lines.append(f"{_name(best)} vs {_name(other)}: {100 * gap:+.2f} pt (std {100 * best[key][1]:.2f} + {100 * other[key][1]:.2f}), {verdict}")
     return lines
 
