@@ -57,5 +57,8 @@ def test_gpu_bench_report_has_rows_ratio_and_machine(tmp_path):
     bench_gpu.write_report(tmp_path, results, info, "python scripts/bench_gpu.py --root x")
     text = (tmp_path / "bench_gpu.md").read_text()
     assert "**6.00x**" in text and "(-0.50 points)" in text and "NVIDIA H100" in text
-    assert "| frozen | naive | 10.0 | 2.0 | 7.0 | 900 | 1,500 | 90.00 % | 1.50 | cudagraph | 32-true |" in text
+    assert "| frozen | naive | 1 | 10.0 | 2.0 | 7.0 | 900 | 1,500 | 90.00 % | 1.50 | cudagraph | 32-true |" in text
+    del results["naive"]  # written after each sweep: the fast sweep alone has no ratio yet
+    bench_gpu.write_report(tmp_path, results, info, "python scripts/bench_gpu.py --root x")
+    assert "perf=naive not run: no ratio" in (tmp_path / "bench_gpu.md").read_text()
     assert json.loads((tmp_path / "bench_gpu.json").read_text())["results"]["fast"]["wall_s"] == 100.0

@@ -81,6 +81,22 @@ def test_fast_defaults_are_chosen_per_device(monkeypatch, cuda):
     assert resolve_runtime("eager", device) == "eager"
 
 
+@pytest.mark.parametrize(("gpus", "gib", "cores", "expected"), [(0, 0, 16, 1), (1, 141, 16, 8), (1, 24, 16, 3), (1, 80, 4, 2), (2, 80, 32, 1)])
+def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, gpus, gib, cores, expected):
+    """perf.sweep_jobs=auto: up to 8 on one GPU, bounded by half the cores and 8 GiB each; one on a CPU or several GPUs."""
+    from types import SimpleNamespace
+
+    from tlexp.hydra_config import _sweep_jobs
+
+    monkeypatch.setattr(perf.torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(perf.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(perf.torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=gib * 2**30))
+    monkeypatch.setattr(perf.os, "cpu_count", lambda: cores)
+    assert _sweep_jobs("auto", "auto") == expected
+    assert _sweep_jobs("auto", "cpu") == 1 and _sweep_jobs(3, "auto") == 3
+    assert (compose_cfg().perf.sweep_jobs, compose_cfg("perf=naive").perf.sweep_jobs) == ("auto", 1)
+
+
 def test_the_record_names_the_precision_that_ran(tmp_path, tiny_tree):
     """fp16 autocast does not exist on a CPU: Lightning runs bf16-mixed, and metrics.json says so."""
     run = tmp_path / "run"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -80,6 +81,27 @@ def test_submitit_local_runs_a_two_job_sweep(tree, tmp_path):
     for job in jobs:
         assert read_metrics(tmp_path / job)["status"] == "completed"
     assert len(list((tmp_path / ".submitit").glob("*/*_result.pkl"))) == 2  # each job ran in its own submitit process
+
+
+def test_side_by_side_jobs_build_each_cache_entry_once_and_match_one_at_a_time(tree, tmp_path, monkeypatch):
+    """perf.sweep_jobs=2 (what perf=fast picks on one GPU): the jobs share the feature cache, one building each
+    entry while the other waits, and give the results of the same sweep run one job at a time."""
+    sweep = ("-m", *FAST, f"data.root={tree}", "model=resnet18", "strategy=frozen,blocks_1", "profile.enabled=false",
+             "data.num_workers=2")  # loader workers started from a joblib worker process
+    both = run_cli(*sweep, "perf.sweep_jobs=2", f"hydra.sweep.dir={tmp_path / 'both'}", f"perf.cache_dir={tmp_path / 'cache'}")
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert "n_jobs=2" in both.stdout + both.stderr
+    logs = "".join(p.read_text() for p in (tmp_path / "both").glob("*/train.log"))
+    entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(re.findall(r"feature cache: .* images in", logs)) == len(entries) > 0  # none built twice
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what joblib gives each of 2 jobs on 2 cores: sums in the same order
+    alone = run_cli(*sweep, "perf.sweep_jobs=1", f"hydra.sweep.dir={tmp_path / 'alone'}", f"perf.cache_dir={tmp_path / 'cache_alone'}")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    for job in ("0_resnet18_frozen", "1_resnet18_blocks_1"):
+        side_by_side, one_at_a_time = read_metrics(tmp_path / "both" / job), read_metrics(tmp_path / "alone" / job)
+        assert side_by_side["status"] == one_at_a_time["status"] == "completed"
+        assert [e["val_loss"] for e in side_by_side["history"]] == [e["val_loss"] for e in one_at_a_time["history"]]
+        assert (side_by_side["test_loss"], side_by_side["test_acc"]) == (one_at_a_time["test_loss"], one_at_a_time["test_acc"])
 
 
 def test_optuna_search_writes_the_best_trial(tree, tmp_path):

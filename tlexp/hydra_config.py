@@ -8,10 +8,22 @@ from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir, initialize_config_module
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 _CHECKOUT = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_PATH = str(_CHECKOUT) if (_CHECKOUT / "train.yaml").is_file() else "pkg://tlexp.conf"
+
+
+def _sweep_jobs(setting: int | str, accelerator: str) -> int:
+    """``perf.sweep_jobs`` for the local launcher (conf/hydra/launcher/local.yaml); torch is imported only for ``auto``."""
+    if setting != "auto":
+        return int(setting)
+    from tlexp.speed.defaults import side_by_side_jobs
+
+    return side_by_side_jobs(accelerator)
+
+
+OmegaConf.register_new_resolver("tlexp_sweep_jobs", _sweep_jobs, replace=True)
 
 
 def compose(*overrides: str) -> DictConfig:

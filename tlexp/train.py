@@ -6,6 +6,7 @@ The map of the package is docs/architecture.md.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 import warnings
 from pathlib import Path
@@ -85,6 +86,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         size = module.preprocessing.crop_size
         with runs.sigterm_stops():
             extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile)}
+        if _jobs_at_once() > 1:  # the other jobs share the device: its figures are a busy device's
+            extra["speed_setup"]["sweep_jobs"] = _jobs_at_once()
     extra |= {"lr_find": lr_find, "wall_time_s": fit_seconds + time.perf_counter() - after_fit}
     cache = FrozenPrefixCache.of(trainer)
     if cache is not None and cache.off is not None:
@@ -101,12 +104,22 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     return results
 
 
+def _jobs_at_once() -> int:
+    """Jobs of this sweep run side by side (hydra/launcher=local, perf.sweep_jobs); 1 outside a sweep."""
+    hydra = HydraConfig.get()
+    return int(OmegaConf.select(hydra, "launcher.n_jobs", default=1)) if hydra.mode == RunMode.MULTIRUN else 1
+
+
 def job(cfg: DictConfig) -> float | None:
     """One job (``tlexp-train``, through tlexp/cli.py). In a sweep a failing job is recorded and the sweep goes on; alone, it exits non-zero.
 
     Returns the best epoch's validation accuracy, the value a sweeper (Optuna) maximises: the test
     split stays out of model selection.
     """
+    if multiprocessing.get_start_method(allow_none=True) == "loky":
+        # A side-by-side job (hydra/launcher=local) runs in a joblib worker, whose default start method
+        # is loky's: DataLoader workers cannot start with it. Back to the platform's own.
+        multiprocessing.set_start_method(None, force=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with runs.recorded(cfg, run_dir, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN), runs.locked(run_dir):
         done, ckpt_path = runs.resume_point(cfg, run_dir)

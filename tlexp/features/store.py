@@ -9,6 +9,7 @@ in RAM up to a budget. Float values are stored as float16 unless one would overf
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,10 @@ class FeatureStore:
             return self.resident[digest]
         entry = self.root / digest
         if not (entry / "meta.json").exists():
-            self._build(entry, key, compute, DataLoader(images, batch_size=self.batch_size, num_workers=num_workers), label)
+            with self._one_builder(digest, label):
+                if not (entry / "meta.json").exists():  # built by another job while this one waited
+                    loader = DataLoader(images, batch_size=self.batch_size, num_workers=num_workers)
+                    self._build(entry, key, compute, loader, label)
         meta = json.loads((entry / "meta.json").read_text())
         return self._load(digest, entry, meta)
 
@@ -84,10 +89,25 @@ class FeatureStore:
         self.resident[digest] = tensors
         return tensors
 
+    @contextmanager
+    def _one_builder(self, digest: str, label: str):
+        """Jobs side by side (perf.sweep_jobs) that miss the same entry: one builds it, the others wait and read it."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = open(self.root / f".{digest}.lock", "a")  # noqa: SIM115 -- closed below
+        except OSError as exc:
+            raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ADVICE) or exc) from exc
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("feature cache: %s is being built by another job; waiting for it", label)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def _build(self, entry: Path, key: dict, compute: Compute, images: DataLoader, label: str) -> None:
         start = time.perf_counter()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
             _remove_orphaned_staging(self.root)
             staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{os.getpid()}-", dir=self.root))
         except OSError as exc:

@@ -112,7 +112,8 @@ def _speed_on(setup: dict | None) -> str | None:
     if not setup:
         return None
     name = setup.get("device_name") or setup.get("processor")
-    return f"{setup.get('device', 'cpu')}: {name} ({setup['runtime']})"
+    shared = f", shared by {setup['sweep_jobs']} jobs" if setup.get("sweep_jobs", 1) > 1 else ""
+    return f"{setup.get('device', 'cpu')}: {name} ({setup['runtime']}{shared})"
 
 
 def _job_order(name: str):
