@@ -97,6 +97,14 @@ def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, g
     assert (compose_cfg().perf.sweep_jobs, compose_cfg("perf=naive").perf.sweep_jobs) == ("auto", 1)
 
 
+def test_the_table_says_when_a_speed_was_timed_beside_other_jobs():
+    from tlexp.report.table import _speed_on
+
+    setup = {"device": "cuda", "device_name": "NVIDIA H200", "runtime": "cudagraph"}
+    assert _speed_on(setup) == "cuda: NVIDIA H200 (cudagraph)"
+    assert _speed_on(setup | {"sweep_jobs": 8}) == "cuda: NVIDIA H200 (cudagraph, up to 8 jobs at once)"
+
+
 def test_the_record_names_the_precision_that_ran(tmp_path, tiny_tree):
     """fp16 autocast does not exist on a CPU: Lightning runs bf16-mixed, and metrics.json says so."""
     run = tmp_path / "run"

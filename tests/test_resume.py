@@ -88,6 +88,14 @@ def test_killed_anywhere_then_resumed_matches_uninterrupted(tmp_path, tree, unin
         assert "phase B from epoch 3" in (resumed / "train.log").read_text()
 
 
+@pytest.mark.parametrize("kill_point", ["phase_switch", "mid_phase_b"])
+def test_resumed_in_phase_b_the_sanity_check_sees_phase_b(tmp_path, tree, uninterrupted, kill_point):
+    """Lightning validates a few batches before the first resumed epoch; the cache serves them for the
+    epoch resumed at, so the model must be in its phase already (it was in phase A: a shape error)."""
+    schedule = (*SCHEDULE, "perf=fast", "data.num_workers=0", "trainer.num_sanity_val_steps=2")
+    _assert_same_run(_kill_and_resume(tmp_path, tree, schedule, kill_point), uninterrupted("fast", 0))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_image_path_resume_is_exact_with_loader_workers(tmp_path, tree, uninterrupted, workers):
     """perf=naive trains on images with random augmentation in every epoch, in worker processes or not."""

@@ -17,6 +17,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf.errors import MissingMandatoryValue
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch.utils._pytree import tree_leaves
 
 from tlexp.callbacks.run_identity import CHECKPOINT_KEY
 from tlexp.errors import RunDirRefused, TlexpError
@@ -78,15 +79,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _sidecar(Path(path)).unlink(missing_ok=True)
 
 
-def _tensor_bytes(value) -> int:
+def _tensor_bytes(checkpoint) -> int:
     """What a checkpoint's tensors take: about what it needs on disk."""
-    if isinstance(value, torch.Tensor):
-        return value.nbytes
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
+    return sum(v.nbytes for v in tree_leaves(checkpoint) if isinstance(v, torch.Tensor))
 
 
 class _HashingWriter:

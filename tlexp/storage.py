@@ -45,8 +45,7 @@ def write_failure(folder: Path, what: str, exc: BaseException, advice: str, need
     code = getattr(exc, "errno", None)
     free = free_bytes(folder)
     if code in NO_ROOM or (needed is not None and free is not None and free < needed):
-        need = f", {_mb(needed)} needed" if needed else ""
-        return TlexpError(f"no space left on the disk of {folder} for {what} ({_mb(free)} free{need}): {advice}")
+        return TlexpError(_no_room(folder, what, free, needed, advice))
     if code in NOT_WRITABLE:
         return TlexpError(f"cannot write {what} in {folder} ({os.strerror(code)}): {advice}")
     return None
@@ -56,7 +55,12 @@ def check_room(folder: Path, what: str, needed: int, advice: str, error: type[Tl
     """Refuse before writing ``needed`` bytes where they do not fit."""
     free = free_bytes(folder)
     if free is not None and free < needed:
-        raise error(f"no space left on the disk of {folder} for {what} ({_mb(free)} free, {_mb(needed)} needed): {advice}")
+        raise error(_no_room(folder, what, free, needed, advice))
+
+
+def _no_room(folder: Path, what: str, free: int | None, needed: int | None, advice: str) -> str:
+    need = f", {_mb(needed)} needed" if needed else ""
+    return f"no space left on the disk of {folder} for {what} ({_mb(free)} free{need}): {advice}"
 
 
 def hold_ballast(run_dir: Path) -> None:

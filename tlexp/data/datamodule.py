@@ -26,6 +26,7 @@ from tlexp.data.transforms import (
 )
 from tlexp.errors import TlexpError
 from tlexp.features.cache import FrozenPrefixCache
+from tlexp.model.finetune import upcoming_epoch
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +211,7 @@ class ImageDataModule(pl.LightningDataModule):
         return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
 
     def _current_epoch(self) -> int:
-        """The epoch the next iterator serves: Lightning's own ``set_epoch`` value (epochs processed).
-
-        Not ``trainer.current_epoch``: a run resumed from an end-of-epoch checkpoint builds the next
-        epoch's iterator while ``current_epoch`` still names the finished one.
-        """
-        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        return upcoming_epoch(self.trainer)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """MixUp / CutMix (``data.augment.mixup_alpha`` / ``cutmix_alpha``) on training batches, on their device."""

@@ -119,16 +119,21 @@ class PrefixRunner:
 
 
 class Pixels(Dataset):
-    """Decoded uint8 images as the builder's input (the label is unused)."""
+    """Decoded uint8 images as the builder's input (the label is unused), optionally mirrored.
 
-    def __init__(self, pixels: torch.Tensor):
+    Mirrored per item, since the store asks for the images only when it builds an entry.
+    """
+
+    def __init__(self, pixels: torch.Tensor, mirrored: bool = False):
         self.pixels = pixels
+        self.mirrored = mirrored
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, index: int):
-        return self.pixels[index], 0
+        image = self.pixels[index]
+        return (image.flip(-1) if self.mirrored else image), 0
 
 
 def samples_digest(samples) -> str:

@@ -105,7 +105,7 @@ class FrozenPrefixCache(Callback):
         with eval_mode(cut.prefix):
             tensors = self.store.get(key, runner, Pixels(pixels), label)
             if subset != "train" and module.tta == "flip":  # the mirrors of the eval crops: flipping commutes with normalizing
-                mirrored = self.store.get(key | {"mirrored": True}, runner, Pixels(pixels.flip(-1)), f"{label} mirrored")
+                mirrored = self.store.get(key | {"mirrored": True}, runner, Pixels(pixels, mirrored=True), f"{label} mirrored")
         return CachedPrefixDataset(tensors, [s.label for s in datamodule.split[subset]], mirrored)
 
     def _cut(self, phase: str, trainable, module) -> tuple[PrefixCut, str] | None:

@@ -91,10 +91,14 @@ class FeatureStore:
 
     @contextmanager
     def _one_builder(self, digest: str, label: str):
-        """Jobs side by side (perf.sweep_jobs) that miss the same entry: one builds it, the others wait and read it."""
+        """Jobs side by side (perf.sweep_jobs) that miss the same entry: one builds it, the others wait and read it.
+
+        The lock file goes once the entry is in place: a job that opens a new one then finds the entry.
+        """
+        path = self.root / f".{digest}.lock"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            lock = open(self.root / f".{digest}.lock", "a")  # noqa: SIM115 -- closed below
+            lock = open(path, "a")  # noqa: SIM115 -- closed below
         except OSError as exc:
             raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ADVICE) or exc) from exc
         with lock:
@@ -103,7 +107,10 @@ class FeatureStore:
             except BlockingIOError:
                 log.info("feature cache: %s is being built by another job; waiting for it", label)
                 fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
 
     def _build(self, entry: Path, key: dict, compute: Compute, images: DataLoader, label: str) -> None:
         start = time.perf_counter()

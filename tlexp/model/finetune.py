@@ -3,8 +3,8 @@
 Design choice (why not ``unfreeze_and_add_param_group``): the optimizer holds both named groups,
 ``head`` and ``backbone``, from the first step; freezing is ``requires_grad`` alone (frozen params get
 no gradient, so optimizers skip them). The phase is derived from the epoch number on every epoch
-start, so a resumed run re-applies it: this sidesteps Lightning #21901, where a resumed
-``BaseFinetuning`` leaves unfrozen modules frozen.
+start (and before a resumed run's sanity check), so a resumed run re-applies it: this sidesteps
+Lightning #21901, where a resumed ``BaseFinetuning`` leaves unfrozen modules frozen.
 
 Under DDP (Lightning #20340): DistributedDataParallel registers only the parameters that require
 gradients when it wraps the model, so parameters unfrozen later would never be all-reduced and the
@@ -25,6 +25,15 @@ from tlexp.callbacks.dashboard import tensorboard_writers
 from tlexp.model.strategies import Unit, modules_to_unfreeze, parse_strategy
 
 log = logging.getLogger(__name__)
+
+
+def upcoming_epoch(trainer) -> int:
+    """The epoch the next loaders serve: Lightning's own ``set_epoch`` value (epochs processed).
+
+    Not ``trainer.current_epoch``: a run resumed from an end-of-epoch checkpoint builds the next
+    epoch's loaders (and runs its sanity check) while ``current_epoch`` still names the finished one.
+    """
+    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
 
 
 def trainable_params(module: nn.Module) -> int:
@@ -70,6 +79,13 @@ class PhasedFinetuning(BaseFinetuning):
 
     def freeze_before_training(self, pl_module) -> None:
         self._apply("A", pl_module, epoch=0)
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        """A resumed run validates before its first epoch starts, on what the frozen-prefix cache serves
+        for the epoch it resumes at: the model must be in that epoch's phase already."""
+        epoch = upcoming_epoch(trainer)
+        if self.phase_at(epoch) != self._phase:
+            self._apply(self.phase_at(epoch), pl_module, epoch)
 
     def finetune_function(self, pl_module, current_epoch: int, optimizer) -> None:
         phase = self.phase_at(current_epoch)
