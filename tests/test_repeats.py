@@ -66,3 +66,13 @@ def test_a_single_run_is_never_told_apart(sweep):
     rows = load_rows(sweep)
     lines = separations(repeat_groups(rows, swept(rows)))
     assert any("vs lite0 · blocks_4" in line and "a single run has no spread" in line for line in lines)
+
+
+def test_a_model_setting_is_a_swept_setting(sweep):
+    """``model.tta=flip`` is a setting (only ``model=`` is the Model column): its runs are not averaged with the others."""
+    overrides = sweep / "5_lite0_blocks_4" / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text() + "- model.tta=flip\n")
+    rows = load_rows(sweep)
+    assert swept(rows) == ["model.tta"]
+    groups = repeat_groups(rows, swept(rows))
+    assert [(g["strategy"], g["n"]) for g in groups if g["strategy"] == "blocks_4"] == [("blocks_4", 1), ("blocks_4", 1)]

@@ -109,6 +109,14 @@ def test_experiments_define_the_reference_sweeps(experiment, n):
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.data.kind == "tf_flowers"
 
 
+def test_the_chosen_recipe_preset_is_what_the_search_chose(compose_cfg):
+    """experiment=tf_flowers_lite0: the settings docs/results/seed_table_offline/README.md's search chose on validation."""
+    cfg = compose_cfg("experiment=tf_flowers_lite0")
+    assert (cfg.model.name, cfg.data.kind, cfg.strategy, cfg.trainer.precision) == ("tf_efficientnet_lite0", "tf_flowers", "layers_40", "32-true")
+    assert cfg.callbacks.ema.decay == 0.99 and cfg.model.tta == "none" and cfg.loss.label_smoothing == 0.0
+    assert (cfg.finetune.phase_a_epochs, cfg.finetune.phase_b_epochs, cfg.seed, cfg.data.split_seed) == (5, 15, 42, 42)
+
+
 def test_reference_study_csv_matches_design_and_compares(tmp_path, capsys):
     """docs/reference_study.csv is the reference study's table; --compare reads it (rows built by hand here)."""
     from tests.conftest import REPO

@@ -33,8 +33,9 @@ COLUMNS = [
     ("Best epoch (phase)", "best_at", "text"),
     ("Seed", "seed", "text"),
 ]
-# Overrides that are columns already (Model, Strategy, Seed) or say where, not what, a job ran.
-NOT_SWEPT = ("model", "strategy", "seed", "data.root", "hydra.", "resume", "ckpt_path")
+# Overrides that are columns already (Model, Strategy, Seed) or say where, not what, a job ran; any
+# other key is a setting, ``model.tta`` and ``model.head.dropout`` too.
+NOT_SWEPT = {"model", "strategy", "seed", "data.root", "resume", "ckpt_path"}
 SORT_KEYS = {"none", *(key for _, key, _ in COLUMNS)}
 
 
@@ -72,7 +73,7 @@ def _overrides(job: Path) -> dict[str, str]:
 
 def swept(rows: list[dict]) -> list[str]:
     """Override keys whose value differs between jobs: the settings a sweep compares (``optim.lr``, ...)."""
-    keys = sorted({k for r in rows for k in r["overrides"] if not k.startswith(NOT_SWEPT)})
+    keys = sorted({k for r in rows for k in r["overrides"] if k not in NOT_SWEPT and not k.startswith("hydra.")})
     return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
 
 
