@@ -73,7 +73,8 @@ def resolve_channels_last(setting: bool | str, accelerator: str) -> bool:
     return bool(setting)
 
 
-# A guess of what one job needs on the GPU (ResNet-50 fine-tuned at batch 32 in fp32 takes about 5 GiB).
+# A guess of one job's GPU memory, with room: the seed_table_offline rows (Lite0) peaked at 0.1-0.9 GiB
+# each on an H200 (docs/bench_gpu.md); larger backbones trained in full take more.
 _GPU_GIB_PER_JOB = 8
 
 
