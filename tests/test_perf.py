@@ -94,6 +94,9 @@ def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, g
     monkeypatch.setattr(perf.os, "cpu_count", lambda: cores)
     assert _sweep_jobs("auto", "auto") == expected
     assert _sweep_jobs("auto", "cpu") == 1 and _sweep_jobs(3, "auto") == 3
+    for nonsense in (0, -1, "two"):
+        with pytest.raises(SystemExit):
+            _sweep_jobs(nonsense, "auto")
     assert (compose_cfg().perf.sweep_jobs, compose_cfg("perf=naive").perf.sweep_jobs) == ("auto", 1)
 
 

@@ -90,6 +90,14 @@ def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_nonsense_sweep_jobs_is_one_clear_error_before_any_job(tmp_path):
+    """perf.sweep_jobs is read by the launcher, before any job (and its config check) runs."""
+    result = run_cli("-m", "strategy=frozen,blocks_2", "perf.sweep_jobs=0", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("tlexp-train: error: perf.sweep_jobs=0: give auto")
+    assert not list((tmp_path / "sweep").glob("*/metrics.json"))
+
+
 def test_missing_and_empty_data_roots(tmp_path):
     _assert_clean_failure(train(tmp_path / "r1", tmp_path / "nowhere", "model=resnet18", check=False), "does not exist")
     (tmp_path / "empty").mkdir()

@@ -4,6 +4,7 @@ A source checkout (editable install, or ``PYTHONPATH`` pointing at it) reads the
 ``conf/``; an installed wheel carries the same files as the package ``tlexp.conf`` (pyproject.toml).
 """
 
+import sys
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -17,7 +18,15 @@ CONFIG_PATH = str(_CHECKOUT) if (_CHECKOUT / "train.yaml").is_file() else "pkg:/
 def _sweep_jobs(setting: int | str, accelerator: str) -> int:
     """``perf.sweep_jobs`` for the local launcher (conf/hydra/launcher/local.yaml); torch is imported only for ``auto``."""
     if setting != "auto":
-        return int(setting)
+        try:
+            jobs = int(setting)
+        except ValueError:
+            jobs = 0
+        if jobs < 1:  # read by Hydra before any job starts: one line, as a job's config errors are
+            print(f"tlexp-train: error: perf.sweep_jobs={setting}: give auto (several at once on one GPU) or a number of jobs >= 1",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        return jobs
     from tlexp.speed.defaults import side_by_side_jobs
 
     return side_by_side_jobs(accelerator)
