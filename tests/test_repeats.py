@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tlexp.report.repeats import repeat_groups, separations
-from tlexp.report.table import load_rows, swept
+from tlexp.report.table import _label, load_rows, swept
 from tlexp.report.table import main as table_main
 
 # (strategy, seed, test_acc): frozen and blocks_2 far apart, blocks_2 and blocks_4 within their spread
@@ -76,3 +76,12 @@ def test_a_model_setting_is_a_swept_setting(sweep):
     assert swept(rows) == ["model.tta"]
     groups = repeat_groups(rows, swept(rows))
     assert [(g["strategy"], g["n"]) for g in groups if g["strategy"] == "blocks_4"] == [("blocks_4", 1), ("blocks_4", 1)]
+
+
+def test_a_label_names_only_the_settings_its_run_overrides(sweep):
+    """Plot labels and legends: ``blocks_4 · model.tta=flip``, not every swept setting spelt ``=default``."""
+    overrides = sweep / "5_lite0_blocks_4" / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text() + "- model.tta=flip\n")
+    rows = load_rows(sweep)
+    labels = {_label(r, swept(rows), with_model=False) for r in rows if r["strategy"] == "blocks_4"}
+    assert labels == {"blocks_4", "blocks_4 · model.tta=flip"}

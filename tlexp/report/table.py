@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import textwrap
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -156,8 +157,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _label(row: dict, keys: list[str], with_model: bool = True) -> str:
+    """Model, strategy and the swept settings this run overrides: a default one would only lengthen it."""
     head = [row["model"], row["strategy"]] if with_model else [row["strategy"]]
-    return " · ".join([*head, *(f"{k}={row['overrides'].get(k, 'default')}" for k in keys)])
+    return " · ".join([*head, *(f"{k}={row['overrides'][k]}" for k in keys if k in row["overrides"])])
 
 
 def _models(rows: list[dict]) -> set:
@@ -197,11 +199,14 @@ def accuracy_plot(rows: list[dict], sweep_dir: Path, groups: list[dict]) -> str:
         for point in (p for p in done if p.get(key) is not None):
             ax.errorbar(point[key], point["acc"], yerr=point["err"] or None, fmt="o", markersize=6, capsize=4)
             labels.setdefault((point[key], point["acc"]), []).append(point["label"])
-        for spot, names in labels.items():
-            ax.annotate(" = ".join(names), spot, textcoords="offset points", xytext=(5, 4), fontsize=7)
         if log_x:
             ax.set_xscale("log")
         ax.margins(x=0.15, y=0.08)
+        ax.autoscale_view()
+        for spot, names in labels.items():  # wrapped, and to the left of points in the right part: inside the axes
+            right = ax.transAxes.inverted().transform(ax.transData.transform(spot))[0] > 0.6
+            ax.annotate(textwrap.fill(" = ".join(names), 38, break_long_words=False), spot, textcoords="offset points",
+                        xytext=(-5 if right else 5, 4), ha="right" if right else "left", fontsize=7)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
