@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -144,3 +147,37 @@ def test_unicode_class_names_and_nested_folders(tmp_path):
     assert metrics["class_names"] == ["red", "wild rosé"]
     assert sum(metrics["images"].values()) == 16
     assert any(p.startswith("red/more/nested/") for p in _split_rows(run))
+
+
+def test_jobs_started_side_by_side_decode_each_file_once(tmp_path, monkeypatch):
+    """perf.sweep_jobs: jobs that start together share one check; the others wait and read its verdicts."""
+    folder = tmp_path / "images"
+    _odd_images(folder)
+    paths = sorted(folder.iterdir())
+    decoded = []
+
+    def slow_decode(path):  # long enough that every job asks while the first is still decoding
+        time.sleep(0.05)
+        decoded.append(path)
+
+    monkeypatch.setattr(image_files, "decode_error", slow_decode)
+    with ThreadPoolExecutor(4) as jobs:  # flock: separate opens of the lock file exclude each other, threads too
+        found = list(jobs.map(lambda _: find_unreadable(paths, tmp_path / "verdicts.json", threads=1), range(4)))
+    assert found == [{}] * 4
+    assert sorted(decoded) == paths  # each file decoded once, not once per job
+    assert list(tmp_path.glob(".*lock")) == []  # the lock file goes with the work
+
+
+def test_verdicts_in_a_folder_that_takes_no_lock_file_are_still_read(tmp_path, monkeypatch):
+    """A read-only data dir holding earlier verdicts: no lock file can be made there, and none is needed to read them."""
+    folder = tmp_path / "images"
+    _odd_images(folder)
+    paths, verdicts = sorted(folder.iterdir()), tmp_path / "verdicts.json"
+    assert find_unreadable(paths, verdicts, threads=1) == {}
+
+    def read_only(*_):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(image_files, "one_job_at_a_time", read_only)
+    monkeypatch.setattr(image_files, "decode_error", lambda p: pytest.fail(f"{p} decoded again"))
+    assert find_unreadable(paths, verdicts, threads=1) == {}

@@ -13,12 +13,14 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from tlexp.errors import TlexpError
+from tlexp.one_job_at_a_time import one_job_at_a_time
 from tlexp.record import file_digest
 
 log = logging.getLogger(__name__)
@@ -49,18 +51,30 @@ def decode_error(path: Path) -> str | None:
 
 
 def find_unreadable(paths: list[Path], verdicts_file: Path | None, threads: int) -> dict[Path, str]:
-    """Path -> reason for every file in ``paths`` that does not decode (PIL releases the GIL: threads)."""
-    known = _load(verdicts_file)
+    """Path -> reason for every file in ``paths`` that does not decode (PIL releases the GIL: threads).
+
+    Jobs of a sweep started side by side (perf.sweep_jobs) would each decode every file: one
+    does, under a lock next to ``verdicts_file``, and the others read its verdicts.
+    """
     with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL on large buffers too
         stamps = dict(zip(paths, pool.map(file_digest, paths)))
-    todo = [p for p in paths if known.get(str(p), {}).get("stamp") != stamps[p]]
-    if todo:
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            for path, error in zip(todo, pool.map(decode_error, todo)):
-                known[str(path)] = {"stamp": stamps[path], "error": error}
-        log.info("decoded %d new or changed images in %.1f s to check them", len(todo), time.perf_counter() - start)
-        _save(verdicts_file, known)
+    with ExitStack() as alone:
+        if verdicts_file is not None:
+            try:
+                alone.enter_context(one_job_at_a_time(
+                    verdicts_file.with_name(f".{verdicts_file.name}.lock"), "image checks: another job is decoding these images"
+                ))
+            except OSError:  # no lock in a read-only folder: every job checks for itself, as verdicts there allow
+                pass
+        known = _load(verdicts_file)
+        todo = [p for p in paths if known.get(str(p), {}).get("stamp") != stamps[p]]
+        if todo:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                for path, error in zip(todo, pool.map(decode_error, todo)):
+                    known[str(path)] = {"stamp": stamps[path], "error": error}
+            log.info("decoded %d new or changed images in %.1f s to check them", len(todo), time.perf_counter() - start)
+            _save(verdicts_file, known)
     return {p: known[str(p)]["error"] for p in paths if known[str(p)]["error"] is not None}
 
 
@@ -96,4 +110,4 @@ def _save(verdicts_file: Path | None, known: dict) -> None:
     verdicts_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = verdicts_file.with_name(f".{verdicts_file.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(known))
-    os.replace(tmp, verdicts_file)  # parallel jobs: the last writer wins, every version is whole
+    os.replace(tmp, verdicts_file)  # a write killed half-way leaves the old version whole

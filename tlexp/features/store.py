@@ -9,7 +9,6 @@ in RAM up to a budget. Float values are stored as float16 unless one would overf
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -19,7 +18,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tlexp.errors import TlexpError
+from tlexp.one_job_at_a_time import one_job_at_a_time
 from tlexp.storage import check_room, write_failure
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class FeatureStore:
         self.budget = budget_bytes
         self.batch_size = batch_size
         self.resident: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        self.waited_s = 0.0  # for entries other jobs were building (perf.sweep_jobs): where a sweep's time goes
 
     def get(self, key: dict, compute: Compute, images: Dataset, label: str, num_workers: int = 0) -> list[torch.Tensor]:
         """The entry for ``key``; built from ``compute`` over ``images`` (batches of ``(x, label)``) if missing."""
@@ -91,26 +92,15 @@ class FeatureStore:
 
     @contextmanager
     def _one_builder(self, digest: str, label: str):
-        """Jobs side by side (perf.sweep_jobs) that miss the same entry: one builds it, the others wait and read it.
-
-        The lock file goes once the entry is in place: a job that opens a new one then finds the entry.
-        """
-        path = self.root / f".{digest}.lock"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            lock = open(path, "a")  # noqa: SIM115 -- closed below
-        except OSError as exc:
-            raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ADVICE) or exc) from exc
-        with lock:
+        """Jobs side by side that miss the same entry: one builds it, the others wait and read it."""
+        with ExitStack() as held:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("feature cache: %s is being built by another job; waiting for it", label)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                path.unlink(missing_ok=True)
+                self.waited_s += held.enter_context(
+                    one_job_at_a_time(self.root / f".{digest}.lock", f"feature cache: {label} is being built by another job")
+                )
+            except OSError as exc:  # the lock file cannot be made; an OSError of the build itself is not this
+                raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ADVICE) or exc) from exc
+            yield
 
     def _build(self, entry: Path, key: dict, compute: Compute, images: DataLoader, label: str) -> None:
         start = time.perf_counter()

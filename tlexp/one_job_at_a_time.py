@@ -1,0 +1,39 @@
+"""Work that every job of a side-by-side sweep (perf.sweep_jobs) would repeat: one job does it, the others wait.
+
+The first job to take the lock does the work and leaves its result where the others look (a feature
+cache entry, the image verdicts); a job that had to wait finds it there and has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def one_job_at_a_time(lock_path: Path, waiting: str):
+    """Hold ``lock_path`` (an flock) for the block, which gets the seconds spent waiting for it; ``waiting``
+    is logged when another job holds it.
+
+    The lock file goes when the block ends: a job that opens a new one after that finds the result.
+    Raises OSError when the lock file cannot be made (a full or read-only folder).
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        waited = 0.0
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s; waiting for it", waiting)
+            start = time.perf_counter()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            waited = time.perf_counter() - start
+        try:
+            yield waited
+        finally:
+            lock_path.unlink(missing_ok=True)
