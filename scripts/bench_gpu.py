@@ -5,7 +5,9 @@ in its own process with its own empty feature cache, so the fast figure includes
 sweep, fast_bf16, is perf=fast with the CPU's choices (bf16-mixed, channels_last): the measurement
 behind perf=fast's fp32/NCHW on a GPU (tlexp/speed/defaults.py).
 Writes docs/bench_gpu.md and docs/bench_gpu.json: the whole sweep's wall time, per row the phase
-times, training images/s, peak GPU memory and test accuracy, and the ratios.
+times, training images/s, peak GPU memory and test accuracy, the ratios, and where each row's time
+went besides training steps (metrics.json's time_split: when its job started, data and model setup,
+the feature cache's decoded views and prefix outputs, and waiting while another job built an entry).
 
     python scripts/bench_gpu.py --root /root/data [overrides ...]
 """
@@ -41,7 +43,7 @@ def sweep(variant: str, out: Path, root: str, extra: list[str]) -> dict:
     env = {**os.environ, "TLEXP_DATA_DIR": str(cache)}
     args = [sys.executable, "-m", "tlexp.train", "experiment=seed_table_offline", *VARIANTS[variant], f"data.root={root}",
             f"hydra.sweep.dir={sweep_dir}", "trainer.enable_progress_bar=false", *extra]
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     with open(out / f"{variant}.log", "w") as log:
         code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
     wall = time.perf_counter() - start
@@ -54,6 +56,7 @@ def sweep(variant: str, out: Path, root: str, extra: list[str]) -> dict:
             raise SystemExit(f"bench-gpu: {file} did not complete: {m.get('error')}")
         history = m["history"]
         seconds = sum(e["seconds"] for e in history)
+        split = m.get("time_split", {})
         rows[m["strategy"]] = {
             "fit_and_test_s": m["wall_time_s"],
             "phase_a_s": sum(e["seconds"] for e in history if not e["phase_b"]),
@@ -65,6 +68,9 @@ def sweep(variant: str, out: Path, root: str, extra: list[str]) -> dict:
             "runtime": m.get("speed_setup", {}).get("runtime"),
             "precision": m["precision"],
             "jobs_at_once": m.get("speed_setup", {}).get("sweep_jobs", 1),
+            # where the row's time went: its job's start after the sweep's, then the parts of the run
+            "time_split": {"job_start_s": split["started_at"] - started_at, **{k: v for k, v in split.items() if k != "started_at"}}
+            if split else None,
         }
     return {"wall_s": wall, "mean_test_acc": statistics.mean(r["test_acc"] for r in rows.values()), "rows": rows}
 
@@ -103,7 +109,7 @@ def write_report(report: Path, results: dict, info: dict, command: str) -> None:
         "Jobs at once: perf.sweep_jobs, how many rows of the sweep may train side by side on the GPU; a row's",
         "ms/image was timed while the other rows used the GPU too.",
         "",
-        "| strategy | variant | jobs at once | fit + test (s) | phase A (s) | phase B (s) | train images/s | peak GPU memory (MiB) | test acc | ms/image (batch 1) | runtime | precision |",
+        "| strategy | variant | jobs at once | fit, test, speed timing (s) | phase A (s) | phase B (s) | train images/s | peak GPU memory (MiB) | test acc | ms/image (batch 1) | runtime | precision |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for strategy in next(iter(results.values()))["rows"]:
@@ -117,7 +123,29 @@ def write_report(report: Path, results: dict, info: dict, command: str) -> None:
                 f"| {strategy} | {variant} | {r.get('jobs_at_once', 1)} | {r['fit_and_test_s']:.1f} | {r['phase_a_s']:.1f} | {r['phase_b_s']:.1f} | "
                 f"{r['train_images_per_s']:,.0f} | {memory} | {100 * r['test_acc']:.2f} % | {speed} | {r['runtime']} | {r['precision']} |"
             )
+    lines += time_split_table(results)
     (report / "bench_gpu.md").write_text("\n".join(lines) + "\n")
+
+
+SPLIT = (("job_start_s", "job started (s after the sweep)"), ("before_fit_s", "before fit: data, model (s)"),
+         ("fit_s", "fit (s)"), ("decoded_views_s", "of which decoded views (s)"), ("prefix_outputs_s", "prefix outputs (s)"),
+         ("waiting_for_other_jobs_s", "waiting for other jobs (s)"), ("test_s", "test (s)"), ("speed_s", "speed timing (s)"))
+
+
+def time_split_table(results: dict) -> list[str]:
+    """Per row, where its time went (metrics.json's time_split)."""
+    rows = [(strategy, variant, r["time_split"]) for variant, result in results.items()
+            for strategy, r in result["rows"].items() if r.get("time_split")]
+    if not rows:
+        return []
+    lines = [
+        "", "Where each row's time went (metrics.json's time_split). The feature cache's columns are part of fit: the",
+        "time to get its entries (loaded, built, or waited for while another job built them), and of that, waiting:", "",
+        "| strategy | variant | " + " | ".join(title for _, title in SPLIT) + " |", "|---|---|" + "---:|" * len(SPLIT),
+    ]
+    for strategy, variant, split in rows:
+        lines.append(f"| {strategy} | {variant} | " + " | ".join("–" if key not in split else f"{split[key]:.1f}" for key, _ in SPLIT) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

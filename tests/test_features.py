@@ -175,13 +175,19 @@ def test_rows_that_share_a_prefix_share_its_entries(tmp_path, tiny_tree, data_ca
     assert "feature cache: phase B train view 3/4" in second
     strip = lambda m: [{k: v for k, v in e.items() if k != "seconds"} for e in m["history"][:2]]
     assert strip(read_metrics(tmp_path / "b")) == strip(read_metrics(tmp_path / "a"))  # phase A as if run alone
+    first, then = read_metrics(tmp_path / "a")["time_split"], read_metrics(tmp_path / "b")["time_split"]
+    assert first["started_at"] < then["started_at"] and first["before_fit_s"] > 0
+    assert first["decoded_views_s"] > 0 and first["prefix_outputs_s"] > 0 and first["waiting_for_other_jobs_s"] == 0.0
+    assert first["fit_s"] > first["decoded_views_s"] + first["prefix_outputs_s"]  # the cache's time is part of fitting
 
 
 def test_naive_perf_trains_on_images(tmp_path, tiny_tree):
     run = tmp_path / "run"
     train(run, tiny_tree, "model=resnet18", "perf=naive")
     assert "frozen prefix cached" not in (run / "train.log").read_text()
-    assert read_metrics(run)["feature_cache"] == {"enabled": False, "phase_a": 0, "phase_b": 4}
+    metrics = read_metrics(run)
+    assert metrics["feature_cache"] == {"enabled": False, "phase_a": 0, "phase_b": 4}
+    assert set(metrics["time_split"]) == {"started_at", "before_fit_s", "fit_s", "test_s", "speed_s"}  # no cache: nothing of its own
 
 
 def test_an_image_edited_in_place_is_a_new_cache_entry(tmp_path, tiny_tree):

@@ -44,6 +44,7 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARN
 
 def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    started, started_at = time.perf_counter(), time.time()
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.perf.tune_malloc and not tune_glibc_malloc():
@@ -68,6 +69,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     elif cfg.tune.lr_find:
         lr_find = find_lr(trainer, module, data, OmegaConf.to_container(cfg.tune), run_dir)
 
+    before_fit = time.perf_counter() - started  # listing and checking images, building the model
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     # Read the history before testing: restoring the best checkpoint also restores callback state.
     fitted, fit_seconds, after_fit = list(history.epochs), history.elapsed(), time.perf_counter()
@@ -77,6 +79,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     if not best:
         log.warning("no checkpoint was saved (trainer.fast_dev_run?): testing the weights as fitting left them")
     test = trainer.test(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    tested = time.perf_counter()
     if trainer.received_sigterm:  # Lightning finishes a test's last batch before it looks: no result then
         raise SIGTERMException
     if not trainer.is_global_zero:  # rank 0 alone measures speed and writes the run's files
@@ -86,12 +89,19 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         size = module.preprocessing.crop_size
         with runs.sigterm_stops():
             extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile)}
-        if _jobs_at_once() > 1:  # the other jobs share the device: its figures are a busy device's
-            extra["speed_setup"]["sweep_jobs"] = _jobs_at_once()
+        jobs = _jobs_at_once()  # resolving it again would query CUDA again (perf.sweep_jobs=auto)
+        if jobs > 1:  # the other jobs share the device: its figures are a busy device's
+            extra["speed_setup"]["sweep_jobs"] = jobs
     extra |= {"lr_find": lr_find, "wall_time_s": fit_seconds + time.perf_counter() - after_fit}
     cache = FrozenPrefixCache.of(trainer)
     if cache is not None and cache.off is not None:
         extra["feature_cache_off"] = cache.off
+    # Where the run's time went: the cache's seconds are part of fit_s (a resumed run's: every part of
+    # its fit); a sweep's jobs start at their own times (started_at, Unix seconds)
+    extra["time_split"] = {
+        "started_at": started_at, "before_fit_s": before_fit, "fit_s": fit_seconds, "test_s": tested - after_fit,
+        "speed_s": time.perf_counter() - tested, **(cache.seconds if cache else {}),
+    }
     results = record.completed_record(
         cfg, run_dir, identity=identity, data=data, module=module, units=units, trainable_params=phase_b_params(module.head, units), epochs=fitted,
         test=test, precision=trainer.precision, extra=extra,

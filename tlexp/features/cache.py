@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -65,6 +66,9 @@ class FrozenPrefixCache(Callback):
         self.image_digests: dict[str, str] = {}  # subset -> samples_digest, once per run (stats every file)
         self.runners: dict[str, PrefixRunner] = {}
         self.off: str | None = None  # why the cache was turned off during the run, if it was
+        # Seconds spent getting entries (loaded, built, or waited for while another job built them)
+        # and, of those, waiting: where a run's time goes (metrics.json time_split).
+        self.seconds = {"decoded_views_s": 0.0, "prefix_outputs_s": 0.0, "waiting_for_other_jobs_s": 0.0}
 
     @staticmethod
     def of(trainer: pl.Trainer | None) -> FrozenPrefixCache | None:
@@ -102,7 +106,7 @@ class FrozenPrefixCache(Callback):
         }
         label = f"phase {phase} {subset}" + ("" if view is None else f" view {view + 1}/{views}")
         mirrored = None
-        with eval_mode(cut.prefix):
+        with eval_mode(cut.prefix), self._timed("prefix_outputs_s"):
             tensors = self.store.get(key, runner, Pixels(pixels), label)
             if subset != "train" and module.tta == "flip":  # the mirrors of the eval crops: flipping commutes with normalizing
                 mirrored = self.store.get(key | {"mirrored": True}, runner, Pixels(pixels, mirrored=True), f"{label} mirrored")
@@ -132,8 +136,18 @@ class FrozenPrefixCache(Callback):
         if view is not None:
             images = ViewDataset(images, self.seed, view)
         label = f"{subset} images" + ("" if view is None else f", view {view + 1}/{views}")
-        (pixels,) = self.store.get(key, lambda x: (x,), images, f"decoded {label}", self.num_workers)
+        with self._timed("decoded_views_s"):
+            (pixels,) = self.store.get(key, lambda x: (x,), images, f"decoded {label}", self.num_workers)
         return pixels, key
+
+    @contextmanager
+    def _timed(self, kind: str):
+        start, waited = time.perf_counter(), self.store.waited_s
+        try:
+            yield
+        finally:
+            self.seconds[kind] += time.perf_counter() - start
+            self.seconds["waiting_for_other_jobs_s"] += self.store.waited_s - waited
 
     def _runner(self, phase: str, prefix, module, datamodule) -> PrefixRunner:
         """One per phase, shared by its views and subsets, on the device the module is on now.
