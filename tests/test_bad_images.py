@@ -181,3 +181,15 @@ def test_verdicts_in_a_folder_that_takes_no_lock_file_are_still_read(tmp_path, m
     monkeypatch.setattr(image_files, "one_job_at_a_time", read_only)
     monkeypatch.setattr(image_files, "decode_error", lambda p: pytest.fail(f"{p} decoded again"))
     assert find_unreadable(paths, verdicts, threads=1) == {}
+
+
+def test_verdicts_that_cannot_be_saved_are_a_warning_not_a_crash(tmp_path, caplog):
+    """A read-only (or full) data dir: this run still skips the bad files; the message says the next run checks again."""
+    folder = tmp_path / "images"
+    _odd_images(folder)
+    _add_bad_files(folder)
+    (tmp_path / "not_a_folder").write_text("")
+    verdicts = tmp_path / "not_a_folder" / "verdicts.json"  # no folder can be made here, not even by root
+    bad = find_unreadable(sorted(folder.iterdir()), verdicts, threads=1)
+    assert sorted(p.name for p in bad) == sorted(BAD)
+    assert "could not save the image checks" in caplog.text and "data.image_checks" in caplog.text

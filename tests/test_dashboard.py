@@ -75,6 +75,9 @@ def test_lr_finder_suggestion_can_be_used(tiny_tree, tmp_path):
     assert "Finding best initial lr" not in result.stderr  # issue 16: no tqdm bar where the run shows none
     metrics = read_metrics(tmp_path / "run")
     assert metrics["lr_find"]["used"] is True and metrics["lr"] == metrics["lr_find"]["suggestion"]
+    split = metrics["time_split"]  # the search is before fitting, counted once: the parts fit in the run's own time
+    parts = sum(split[k] for k in ("before_fit_s", "fit_s", "test_s", "speed_s"))
+    assert split["started_at"] + parts <= (tmp_path / "run" / "metrics.json").stat().st_mtime + 0.05
     head = _events(tmp_path / "run").Scalars("lr-Adam/head")[0].value
     assert head == pytest.approx(metrics["lr"])
 

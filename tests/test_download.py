@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import make_image_tree
+from tlexp.data import download
 from tlexp.data.download import download_and_extract
 from tlexp.errors import TlexpError
 from tlexp.record import file_digest
@@ -54,3 +57,21 @@ def test_datamodule_downloads_only_when_root_is_missing(tmp_path, archive, compo
     dm2 = ImageDataModule(cfg.data, seed=0)
     dm2.setup()
     assert dm2.class_names == ["daisy", "roses"]
+
+
+def test_jobs_started_side_by_side_download_once(tmp_path, archive, monkeypatch):
+    """perf.sweep_jobs on a machine without the data set: one job fetches it, the others wait and use it."""
+    fetched, fetch = [], download._fetch
+
+    def slow_fetch(url, dest):  # every job asks while the first is still fetching
+        fetched.append(url)
+        time.sleep(0.2)
+        fetch(url, dest)
+
+    monkeypatch.setattr(download, "_fetch", slow_fetch)
+    root = tmp_path / "cache" / "flower_photos"
+    with ThreadPoolExecutor(3) as jobs:
+        list(jobs.map(lambda _: download_and_extract(archive.as_uri(), file_digest(archive), root), range(3)))
+    assert len(fetched) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["daisy", "roses"] and len(list((root / "roses").iterdir())) == 3
+    assert [p.name for p in root.parent.iterdir() if p.name.startswith(".")] == []

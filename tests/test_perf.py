@@ -91,10 +91,10 @@ def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, g
     monkeypatch.setattr(perf.torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(perf.torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(perf.torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=gib * 2**30))
-    monkeypatch.setattr(perf.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(perf.os, "sched_getaffinity", lambda pid: set(range(cores)))  # taskset / SLURM: not the node's count
     assert _sweep_jobs("auto", "auto") == expected
-    assert _sweep_jobs("auto", "cpu") == 1 and _sweep_jobs(3, "auto") == 3
-    for nonsense in (0, -1, "two"):
+    assert _sweep_jobs("auto", "cpu") == 1 and _sweep_jobs(3, "auto") == 3 and _sweep_jobs("3", "auto") == 3
+    for nonsense in (0, -1, "two", None, 2.5, True):
         with pytest.raises(SystemExit):
             _sweep_jobs(nonsense, "auto")
     assert (compose_cfg().perf.sweep_jobs, compose_cfg("perf=naive").perf.sweep_jobs) == ("auto", 1)

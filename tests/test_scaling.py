@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import yaml
 
 from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
+from tlexp.one_job_at_a_time import one_job_at_a_time
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +133,23 @@ def test_slurm_launcher_config_composes():
     launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert launcher["partition"] == "gpu" and launcher["tasks_per_node"] == launcher["gpus_per_node"] == 1
+
+
+def test_one_job_at_a_time_holds_even_after_the_lock_file_is_removed(tmp_path):
+    """Jobs that waited on a lock file its holder removed, and jobs that came later: never two at once."""
+    inside, most, guard = [0], [0], threading.Lock()
+
+    def job(delay: float):
+        time.sleep(delay)
+        with one_job_at_a_time(tmp_path / ".work.lock", "busy"):
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            with guard:
+                inside[0] -= 1
+
+    with ThreadPoolExecutor(6) as jobs:  # flock: separate opens of one file exclude each other, threads too
+        list(jobs.map(job, [0.0, 0.01, 0.02, 0.06, 0.07, 0.12]))
+    assert most[0] == 1
+    assert list(tmp_path.iterdir()) == []

@@ -18,10 +18,8 @@ CONFIG_PATH = str(_CHECKOUT) if (_CHECKOUT / "train.yaml").is_file() else "pkg:/
 def _sweep_jobs(setting: int | str, accelerator: str) -> int:
     """``perf.sweep_jobs`` for the local launcher (conf/hydra/launcher/local.yaml); torch is imported only for ``auto``."""
     if setting != "auto":
-        try:
-            jobs = int(setting)
-        except ValueError:
-            jobs = 0
+        whole = isinstance(setting, int) and not isinstance(setting, bool)  # true is an int to Python; null, 2.5 are not
+        jobs = setting if whole else int(setting) if isinstance(setting, str) and setting.isdigit() else 0
         if jobs < 1:  # read by Hydra before any job starts: one line, as a job's config errors are
             print(f"tlexp-train: error: perf.sweep_jobs={setting}: give auto (several at once on one GPU) or a number of jobs >= 1",
                   file=sys.stderr)

@@ -1,13 +1,15 @@
 """Work that every job of a side-by-side sweep (perf.sweep_jobs) would repeat: one job does it, the others wait.
 
 The first job to take the lock does the work and leaves its result where the others look (a feature
-cache entry, the image verdicts); a job that had to wait finds it there and has nothing left to do.
+cache entry, the image verdicts, a downloaded data set); a job that had to wait finds it there and
+has nothing left to do.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,20 +22,34 @@ def one_job_at_a_time(lock_path: Path, waiting: str):
     """Hold ``lock_path`` (an flock) for the block, which gets the seconds spent waiting for it; ``waiting``
     is logged when another job holds it.
 
-    The lock file goes when the block ends: a job that opens a new one after that finds the result.
+    The lock file goes when the block ends, so nothing is left beside the result. A job that was
+    waiting on the removed file then holds a lock nobody else can see: it opens the path again
+    (the result is there by then, or the one before it failed and it is this job's turn).
     Raises OSError when the lock file cannot be made (a full or read-only folder).
     """
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
-        waited = 0.0
+    waited = 0.0
+    while True:
+        lock = open(lock_path, "a")  # noqa: SIM115 -- closed below
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("%s; waiting for it", waiting)
             start = time.perf_counter()
             fcntl.flock(lock, fcntl.LOCK_EX)
-            waited = time.perf_counter() - start
+            waited += time.perf_counter() - start
+        if _still_there(lock_path, lock):
+            break
+        lock.close()
+    with lock:
         try:
             yield waited
         finally:
             lock_path.unlink(missing_ok=True)
+
+
+def _still_there(lock_path: Path, lock) -> bool:
+    try:
+        return os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino
+    except FileNotFoundError:
+        return False

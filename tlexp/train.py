@@ -69,7 +69,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     elif cfg.tune.lr_find:
         lr_find = find_lr(trainer, module, data, OmegaConf.to_container(cfg.tune), run_dir)
 
-    before_fit = time.perf_counter() - started  # listing and checking images, building the model
+    fit_started = time.perf_counter()  # before: listing and checking images, the model, the LR finder
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     # Read the history before testing: restoring the best checkpoint also restores callback state.
     fitted, fit_seconds, after_fit = list(history.epochs), history.elapsed(), time.perf_counter()
@@ -96,10 +96,10 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     cache = FrozenPrefixCache.of(trainer)
     if cache is not None and cache.off is not None:
         extra["feature_cache_off"] = cache.off
-    # Where the run's time went: the cache's seconds are part of fit_s (a resumed run's: every part of
-    # its fit); a sweep's jobs start at their own times (started_at, Unix seconds)
+    # Where this process's time went (a sweep's jobs start at their own times: started_at, Unix
+    # seconds). The cache's seconds are part of fit_s, and of before_fit_s where tune.lr_find used it.
     extra["time_split"] = {
-        "started_at": started_at, "before_fit_s": before_fit, "fit_s": fit_seconds, "test_s": tested - after_fit,
+        "started_at": started_at, "before_fit_s": fit_started - started, "fit_s": after_fit - fit_started, "test_s": tested - after_fit,
         "speed_s": time.perf_counter() - tested, **(cache.seconds if cache else {}),
     }
     results = record.completed_record(

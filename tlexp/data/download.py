@@ -8,11 +8,13 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 from rich.progress import Progress
 
 from tlexp.errors import TlexpError
+from tlexp.one_job_at_a_time import one_job_at_a_time
 from tlexp.record import file_digest
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,24 @@ def download_and_extract(url: str, sha256: str | None, root: Path) -> None:
 
     The archive lands beside ``root``; it is renamed into place only once its checksum matches, and
     it is extracted to a temporary folder that is renamed to ``root`` at the end, so an interrupted
-    run never leaves a folder that looks complete.
+    run never leaves a folder that looks complete. Jobs of a sweep started side by side
+    (perf.sweep_jobs) download it once: one fetches, the others wait and find ``root``.
     """
+    lock = root.parent / f".{root.name}.download.lock"
+    with ExitStack() as alone:
+        try:
+            alone.enter_context(one_job_at_a_time(lock, f"{root.name}: another job is downloading it"))
+        except OSError as exc:
+            raise TlexpError(
+                f"cannot download into {root.parent} ({exc}): point TLEXP_DATA_DIR (paths.data_dir) at a folder "
+                "you can write, or data.root at a local copy"
+            ) from exc
+        if not root.exists():  # else another job made it while this one waited
+            _download_and_extract(url, sha256, root)
+
+
+def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
     parent = root.parent
-    parent.mkdir(parents=True, exist_ok=True)
     archive = parent / Path(url).name
     if not archive.exists() or (sha256 and file_digest(archive) != sha256):
         part = archive.with_name(archive.name + ".part")

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +107,13 @@ def _load(verdicts_file: Path | None) -> dict:
 def _save(verdicts_file: Path | None, known: dict) -> None:
     if verdicts_file is None:
         return
-    verdicts_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = verdicts_file.with_name(f".{verdicts_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known))
-    os.replace(tmp, verdicts_file)  # a write killed half-way leaves the old version whole
+    try:
+        verdicts_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, verdicts_file)  # a write killed half-way leaves the old version whole
+    except OSError as exc:  # a read-only or full data dir: this run has its verdicts; the next decodes again
+        with suppress(OSError):
+            tmp.unlink()
+        log.warning("could not save the image checks to %s (%s): the next run decodes every new image again; "
+                    "point data.image_checks at a writable file to keep them", verdicts_file, exc)
