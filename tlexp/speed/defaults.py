@@ -90,5 +90,6 @@ def side_by_side_jobs(accelerator: str) -> int:
     if not uses_cuda(accelerator) or torch.cuda.device_count() != 1:
         return 1
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, a SLURM allocation), not the node's
+    # the cores this process may use (taskset, a SLURM allocation), not the node's; Linux only
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     return max(1, min(8, cores // 2, int(gib // _GPU_GIB_PER_JOB)))
