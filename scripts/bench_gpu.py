@@ -6,8 +6,8 @@ sweep, fast_bf16, is perf=fast with the CPU's choices (bf16-mixed, channels_last
 behind perf=fast's fp32/NCHW on a GPU (tlexp/speed/defaults.py).
 Writes docs/bench_gpu.md and docs/bench_gpu.json: the whole sweep's wall time, per row the phase
 times, training images/s, peak GPU memory and test accuracy, the ratios, and where each row's time
-went besides training steps (metrics.json's time_split: when its job started, data and model setup,
-the feature cache's decoded views and prefix outputs, and waiting while another job built an entry).
+went (metrics.json's time_split: when its job started, data and model setup, fit with the feature
+cache's decoded views, prefix outputs and waiting for another job's entry, test, speed timing).
 
     python scripts/bench_gpu.py --root /root/data [overrides ...]
 """
