@@ -51,7 +51,7 @@ def download_and_extract(url: str, sha256: str | None, root: Path) -> None:
 
 
 def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
-    parent = root.parent
+    parent = root.parent  # made by the lock beside it
     archive = parent / Path(url).name
     if not archive.exists() or (sha256 and file_digest(archive) != sha256):
         part = archive.with_name(archive.name + ".part")
