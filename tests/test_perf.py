@@ -81,9 +81,13 @@ def test_fast_defaults_are_chosen_per_device(monkeypatch, cuda):
     assert resolve_runtime("eager", device) == "eager"
 
 
-@pytest.mark.parametrize(("gpus", "gib", "cores", "expected"), [(0, 0, 16, 1), (1, 141, 16, 8), (1, 24, 16, 3), (1, 80, 4, 2), (2, 80, 32, 1)])
-def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, gpus, gib, cores, expected):
-    """perf.sweep_jobs=auto: up to 8 on one GPU, bounded by half the cores and 8 GiB each; one on a CPU or several GPUs."""
+@pytest.mark.parametrize(
+    ("gpus", "gib", "cores", "host_gib", "expected"),
+    [(0, 0, 16, 128, 1), (1, 141, 16, 128, 8), (1, 24, 16, 128, 3), (1, 80, 4, 128, 2), (2, 80, 32, 128, 1), (1, 141, 16, 32, 3), (1, 141, 16, None, 8)],
+)
+def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, gpus, gib, cores, host_gib, expected):
+    """perf.sweep_jobs=auto: up to 8 on one GPU, bounded by half the cores, 8 GiB of GPU memory each and
+    host memory for each job's feature store (8 GiB) + 2 GiB; one on a CPU or several GPUs."""
     from types import SimpleNamespace
 
     from tlexp.hydra_config import _sweep_jobs
@@ -92,7 +96,9 @@ def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, g
     monkeypatch.setattr(perf.torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(perf.torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=gib * 2**30))
     monkeypatch.setattr(perf.os, "sched_getaffinity", lambda pid: set(range(cores)))  # taskset / SLURM: not the node's count
-    assert _sweep_jobs("auto", "auto") == expected
+    monkeypatch.setattr(perf, "host_memory_gib", lambda: host_gib)
+    assert _sweep_jobs("auto", "auto", 8) == expected
+    assert _sweep_jobs("auto", "auto", "lots") == _sweep_jobs("auto", "auto", 0)  # the job's config check names it
     assert _sweep_jobs("auto", "cpu") == 1 and _sweep_jobs(3, "auto") == 3 and _sweep_jobs("3", "auto") == 3
     for nonsense in (0, -1, "two", None, 2.5, True):
         with pytest.raises(SystemExit):
@@ -105,7 +111,7 @@ def test_the_table_says_when_a_speed_was_timed_beside_other_jobs():
 
     setup = {"device": "cuda", "device_name": "NVIDIA H200", "runtime": "cudagraph"}
     assert _speed_on(setup) == "cuda: NVIDIA H200 (cudagraph)"
-    assert _speed_on(setup | {"sweep_jobs": 8}) == "cuda: NVIDIA H200 (cudagraph, up to 8 jobs at once)"
+    assert _speed_on(setup | {"sweep_jobs": 8}) == "cuda: NVIDIA H200 (cudagraph, 8 jobs at once)"
 
 
 def test_the_record_names_the_precision_that_ran(tmp_path, tiny_tree):

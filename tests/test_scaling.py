@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import threading
@@ -153,3 +154,22 @@ def test_one_job_at_a_time_holds_even_after_the_lock_file_is_removed(tmp_path):
         list(jobs.map(job, [0.0, 0.01, 0.02, 0.06, 0.07, 0.12]))
     assert most[0] == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_speed_figures_count_the_jobs_that_ran_beside_them_not_the_launchers_cap(tmp_path):
+    """speed_setup.sweep_jobs counts the run dirs whose job holds its .tlexp.running lock: a finished
+    job is not counted, and a job that starts while another counts waits a moment instead of being refused."""
+    from tlexp import runs
+
+    with runs.locked(tmp_path / "0_a"), runs.locked(tmp_path / "1_b"):
+        with runs.locked(tmp_path / "2_c"):
+            assert runs.jobs_running(tmp_path) == 3
+        assert runs.jobs_running(tmp_path) == 2  # 2_c has finished
+    assert runs.jobs_running(tmp_path) == 0
+    starting = tmp_path / "3_d"
+    starting.mkdir()
+    with open(starting / runs.RUNNING, "a") as probe:  # another job's count, caught in the middle
+        fcntl.flock(probe, fcntl.LOCK_SH)
+        threading.Timer(0.2, probe.close).start()
+        with runs.locked(starting):
+            assert runs.jobs_running(tmp_path) == 1

@@ -218,6 +218,11 @@ def resume_point(cfg, run_dir: Path) -> tuple[dict | None, str | None]:
     return None, found
 
 
+# Held by a job for as long as it runs; the other jobs of its sweep count the held ones (jobs_running).
+# Not .tlexp.lock: a job that finds that one held refuses to start, and a count would hold it for a moment.
+RUNNING = ".tlexp.running"
+
+
 @contextmanager
 def locked(run_dir: Path):
     """One tlexp-train per run dir at a time (rank 0 holds the lock; other DDP ranks join its run)."""
@@ -225,7 +230,7 @@ def locked(run_dir: Path):
         yield
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".tlexp.lock", "a+") as lock:
+    with open(run_dir / ".tlexp.lock", "a+") as lock, open(run_dir / RUNNING, "a") as running:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -237,6 +242,7 @@ def locked(run_dir: Path):
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
+        fcntl.flock(running, fcntl.LOCK_EX)  # waits only while another job's count looks at it
         for leftover in (run_dir / "checkpoints").glob(".*.tmp"):  # a checkpoint write that was killed: ours now
             leftover.unlink()
             log.info("removed %s, left by a checkpoint write that was killed", leftover.name)
@@ -245,6 +251,24 @@ def locked(run_dir: Path):
             yield
         finally:
             release_ballast(run_dir)
+
+
+def jobs_running(sweep_dir: Path) -> int:
+    """Jobs running now in ``sweep_dir``'s run dirs, the caller's included: those whose ``RUNNING`` lock is held.
+
+    What the launcher's cap (perf.sweep_jobs) cannot say: an Optuna search runs its trials one by
+    one, and a sweep's last rows run with fewer beside them.
+    """
+    count = 0
+    for mark in sweep_dir.glob(f"*/{RUNNING}"):
+        try:
+            with open(mark) as probe:  # closing it lets a shared lock go at once
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            count += 1
+        except FileNotFoundError:  # a run dir being removed
+            continue
+    return count
 
 
 def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:

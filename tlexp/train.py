@@ -87,10 +87,11 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
 
     if cfg.profile.enabled:  # Lightning has moved the model back to the CPU: time it where it trained
         size = module.preprocessing.crop_size
+        jobs = _jobs_running(run_dir)
         with runs.sigterm_stops():
             extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile)}
-        jobs = _jobs_at_once()  # resolving it again would query CUDA again (perf.sweep_jobs=auto)
-        if jobs > 1:  # the other jobs share the device: its figures are a busy device's
+        jobs = max(jobs, _jobs_running(run_dir))
+        if jobs > 1:  # other jobs of the sweep shared the machine: its figures are a busy device's
             extra["speed_setup"]["sweep_jobs"] = jobs
     extra |= {"lr_find": lr_find, "wall_time_s": fit_seconds + time.perf_counter() - after_fit}
     cache = FrozenPrefixCache.of(trainer)
@@ -114,10 +115,9 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     return results
 
 
-def _jobs_at_once() -> int:
-    """Jobs of this sweep run side by side (hydra/launcher=local, perf.sweep_jobs); 1 outside a sweep."""
-    hydra = HydraConfig.get()
-    return int(OmegaConf.select(hydra, "launcher.n_jobs", default=1)) if hydra.mode == RunMode.MULTIRUN else 1
+def _jobs_running(run_dir: Path) -> int:
+    """Jobs of this sweep running now, this one included (its run dirs are ``run_dir``'s siblings); 1 outside a sweep."""
+    return runs.jobs_running(run_dir.parent) if HydraConfig.get().mode == RunMode.MULTIRUN else 1
 
 
 def job(cfg: DictConfig) -> float | None:

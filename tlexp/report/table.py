@@ -114,7 +114,7 @@ def _speed_on(setup: dict | None) -> str | None:
     if not setup:
         return None
     name = setup.get("device_name") or setup.get("processor")
-    shared = f", up to {setup['sweep_jobs']} jobs at once" if setup.get("sweep_jobs", 1) > 1 else ""
+    shared = f", {setup['sweep_jobs']} jobs at once" if setup.get("sweep_jobs", 1) > 1 else ""
     return f"{setup.get('device', 'cpu')}: {name} ({setup['runtime']}{shared})"
 
 

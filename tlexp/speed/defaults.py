@@ -76,20 +76,33 @@ def resolve_channels_last(setting: bool | str, accelerator: str) -> bool:
 # A guess of one job's GPU memory, with room: the seed_table_offline rows (Lite0) peaked at 0.1-0.9 GiB
 # each on an H200 (docs/bench_gpu.md); larger backbones trained in full take more.
 _GPU_GIB_PER_JOB = 8
+# A job's host memory besides its feature store's RAM (perf.cache_budget_gb): a Lite0 blocks_2 job on
+# all of TF Flowers peaked at 3.5 GiB resident on the CPU, about 2 GiB of it decoded views (docs/bench_gpu_notes.md).
+_HOST_GIB_PER_JOB = 2
 
 
-def side_by_side_jobs(accelerator: str) -> int:
+def host_memory_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def side_by_side_jobs(accelerator: str, cache_budget_gb: float = 0) -> int:
     """How many jobs of a local sweep run at once: several on one GPU, one at a time on a CPU.
 
     A job on a GPU is launch-bound at batch 32 (its Python loop, not the GPU, sets the pace:
     issue 13), so jobs side by side fill the idle GPU without changing any job's recipe or result.
-    Each takes a CPU core for its loop plus loader workers, so at most half the cores, and a share
-    of the GPU's memory. A CPU job already uses every core: one at a time there. Several GPUs:
-    one at a time too, since each job's Trainer would take all of them.
+    Each takes a CPU core for its loop plus loader workers, so at most half the cores, a share
+    of the GPU's memory, and of the host's: its feature store keeps up to ``cache_budget_gb`` in
+    RAM. A CPU job already uses every core: one at a time there. Several GPUs: one at a time too,
+    since each job's Trainer would take all of them.
     """
     if not uses_cuda(accelerator) or torch.cuda.device_count() != 1:
         return 1
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     # the cores this process may use (taskset, a SLURM allocation), not the node's; Linux only
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return max(1, min(8, cores // 2, int(gib // _GPU_GIB_PER_JOB)))
+    host = host_memory_gib()
+    by_host = 8 if host is None else int(host // (_HOST_GIB_PER_JOB + max(cache_budget_gb, 0)))
+    return max(1, min(8, cores // 2, int(gib // _GPU_GIB_PER_JOB), by_host))
