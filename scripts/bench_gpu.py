@@ -4,8 +4,8 @@ The sweeps run one after the other in this call (a ratio means something only si
 in its own process with its own empty feature cache, so the fast figure includes building it. A third
 sweep, fast_bf16, is perf=fast with the CPU's choices (bf16-mixed, channels_last): the measurement
 behind perf=fast's fp32/NCHW on a GPU (tlexp/speed/defaults.py). Two more, run only when named in
---variants, try what might speed up phase B with jobs side by side: fast_mps (an MPS daemon of its own
-for the sweep) and fast_cudnn_benchmark (cuDNN times its convolution kernels).
+--variants, try what might speed up phase B with jobs side by side: fast_mps (perf.mps=true: the jobs as
+clients of one CUDA MPS daemon) and fast_cudnn_benchmark (cuDNN times its convolution kernels).
 Writes docs/bench_gpu.md and docs/bench_gpu.json: the whole sweep's wall time, per row the phase
 times, training images/s, peak GPU memory and test accuracy, the ratios, and where each row's time
 went (metrics.json's time_split: when its job started, data and model setup, fit with the feature
@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -36,12 +35,11 @@ VARIANTS = {
     "fast": ["perf=fast"],
     "fast_bf16": ["perf=fast", "trainer.precision=bf16-mixed", "perf.channels_last=true"],
     # perf=fast with CUDA's Multi-Process Service: whether the side-by-side jobs' phase B is slowed by the GPU
-    # taking their CUDA contexts in turn (time-slicing), which MPS lets run kernels at once.
-    "fast_mps": ["perf=fast"],
+    # taking their CUDA contexts in turn (time-slicing), which MPS lets run kernels at once (tlexp/speed/mps.py).
+    "fast_mps": ["perf=fast", "perf.mps=true"],
     # perf=fast with cuDNN choosing its convolution kernels by timing them (Lightning's Trainer(benchmark=True)).
     "fast_cudnn_benchmark": ["perf=fast", "+trainer.benchmark=true"],
 }
-UNDER_MPS = {"fast_mps"}
 REPORT = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -52,11 +50,10 @@ def sweep(variant: str, out: Path, root: str, extra: list[str]) -> dict:
     env = {**os.environ, "TLEXP_DATA_DIR": str(cache)}
     args = [sys.executable, "-m", "tlexp.train", "experiment=seed_table_offline", *VARIANTS[variant], f"data.root={root}",
             f"hydra.sweep.dir={sweep_dir}", "trainer.enable_progress_bar=false", *extra]
-    with mps_daemon(out / f"mps_{variant}") if variant in UNDER_MPS else nullcontext({}) as mps_env:
-        start, started_at = time.perf_counter(), time.time()
-        with open(out / f"{variant}.log", "w") as log:
-            code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env | mps_env, check=False).returncode
-        wall = time.perf_counter() - start
+    start, started_at = time.perf_counter(), time.time()
+    with open(out / f"{variant}.log", "w") as log:
+        code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"bench-gpu: {variant} failed; see {out / f'{variant}.log'}")
     rows = {}
@@ -85,27 +82,6 @@ def sweep(variant: str, out: Path, root: str, extra: list[str]) -> dict:
     return {"wall_s": wall, "mean_test_acc": statistics.mean(r["test_acc"] for r in rows.values()), "rows": rows}
 
 
-@contextmanager
-def mps_daemon(folder: Path):
-    """An MPS control daemon of its own for one sweep (its pipe and log folders under ``folder``), stopped after.
-
-    A user-level process: the GPU's settings (compute mode, MIG) stay as they are. Yields the
-    environment that makes the sweep's processes its clients.
-    """
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control is None:
-        raise SystemExit("bench-gpu: fast_mps needs CUDA's MPS (nvidia-cuda-mps-control), which is not on PATH here")
-    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
-    for path in env.values():
-        Path(path).mkdir(parents=True, exist_ok=True)
-    if subprocess.run([control, "-d"], env=os.environ | env, stdin=subprocess.DEVNULL, check=False).returncode != 0:
-        raise SystemExit(f"bench-gpu: fast_mps: `{control} -d` failed; see {folder / 'log'}")
-    try:
-        yield env
-    finally:
-        subprocess.run([control], input="quit\n", text=True, env=os.environ | env, check=False)
-
-
 def machine() -> dict:
     return {
         "gpu": torch.cuda.get_device_name(0), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
@@ -132,7 +108,7 @@ def write_report(report: Path, results: dict, info: dict, command: str) -> None:
             points = 100 * (result["mean_test_acc"] - naive["mean_test_acc"])
             against = f", **{naive['wall_s'] / result['wall_s']:.2f}x**"
         lines.append(
-            f"- {variant} ({' '.join(VARIANTS[variant])}{' under CUDA MPS' if variant in UNDER_MPS else ''}): {result['wall_s']:.0f} s{against}; "
+            f"- {variant} ({' '.join(VARIANTS[variant])}): {result['wall_s']:.0f} s{against}; "
             f"mean test accuracy {100 * result['mean_test_acc']:.2f} %" + (f" ({points:+.2f} points)" if naive else "")
         )
     lines += [

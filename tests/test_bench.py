@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from scripts import bench
 
 
@@ -42,7 +40,8 @@ def test_bench_keeps_the_cases_it_did_not_rerun(tmp_path, monkeypatch):
     assert "python -m tlexp.bench old" in (report / "bench.md").read_text()
 
 
-def _bench_gpu():
+def test_gpu_bench_report_has_rows_ratio_and_machine(tmp_path):
+    """scripts/bench_gpu.py's report (the sweeps themselves need a GPU: make bench-gpu)."""
     import importlib.util
 
     from tests.conftest import REPO
@@ -50,12 +49,6 @@ def _bench_gpu():
     spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "scripts" / "bench_gpu.py")
     bench_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_gpu)
-    return bench_gpu
-
-
-def test_gpu_bench_report_has_rows_ratio_and_machine(tmp_path):
-    """scripts/bench_gpu.py's report (the sweeps themselves need a GPU: make bench-gpu)."""
-    bench_gpu = _bench_gpu()
     row = {"fit_and_test_s": 10.0, "phase_a_s": 2.0, "phase_b_s": 7.0, "train_images_per_s": 900.0, "peak_gpu_memory_mib": 1500.0,
            "test_acc": 0.9, "ms_per_image": 1.5, "runtime": "cudagraph", "precision": "32-true"}
     split = {"job_start_s": 4.25, "before_fit_s": 3.0, "fit_s": 9.0, "decoded_views_s": 2.5, "prefix_outputs_s": 1.0,
@@ -74,22 +67,3 @@ def test_gpu_bench_report_has_rows_ratio_and_machine(tmp_path):
     bench_gpu.write_report(tmp_path, results, info, "python scripts/bench_gpu.py --root x")
     assert "perf=naive not run: no ratio" in (tmp_path / "bench_gpu.md").read_text()
     assert json.loads((tmp_path / "bench_gpu.json").read_text())["results"]["fast"]["wall_s"] == 100.0
-
-
-def test_gpu_bench_runs_fast_mps_under_an_mps_daemon_of_its_own_and_stops_it(tmp_path, monkeypatch):
-    """fast_mps: the sweep's processes get the daemon's pipe folder; the daemon is told to quit even if the sweep fails."""
-    bench_gpu = _bench_gpu()
-    calls = tmp_path / "calls.txt"
-    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\n{{ if [ "$1" = -d ]; then echo "-d $CUDA_MPS_PIPE_DIRECTORY"; else echo "$(cat) $CUDA_MPS_PIPE_DIRECTORY"; fi; }} >> {calls}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
-    with pytest.raises(RuntimeError), bench_gpu.mps_daemon(tmp_path / "mps") as env:
-        assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "mps" / "pipe") and (tmp_path / "mps" / "pipe").is_dir()
-        raise RuntimeError("a sweep that failed")
-    pipe = tmp_path / "mps" / "pipe"
-    assert calls.read_text().splitlines() == [f"-d {pipe}", f"quit {pipe}"]
-    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    with pytest.raises(SystemExit, match="needs CUDA's MPS"), bench_gpu.mps_daemon(tmp_path / "mps"):
-        pass

@@ -90,19 +90,19 @@ def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, g
     host memory for each job's feature store (8 GiB) + 2 GiB; one on a CPU or several GPUs."""
     from types import SimpleNamespace
 
-    from tlexp.hydra_config import _sweep_jobs
+    from tlexp.hydra_config import sweep_jobs
 
     monkeypatch.setattr(perf.torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(perf.torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(perf.torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=gib * 2**30))
     monkeypatch.setattr(perf.os, "sched_getaffinity", lambda pid: set(range(cores)))  # taskset / SLURM: not the node's count
     monkeypatch.setattr(perf, "host_memory_gib", lambda: host_gib)
-    assert _sweep_jobs("auto", "auto", 8) == expected
-    assert _sweep_jobs("auto", "auto", "lots") == _sweep_jobs("auto", "auto", 0)  # the job's config check names it
-    assert _sweep_jobs("auto", "cpu") == 1 and _sweep_jobs(3, "auto") == 3 and _sweep_jobs("3", "auto") == 3
+    assert sweep_jobs("auto", "auto", 8) == expected
+    assert sweep_jobs("auto", "auto", "lots") == sweep_jobs("auto", "auto", 0)  # the job's config check names it
+    assert sweep_jobs("auto", "cpu") == 1 and sweep_jobs(3, "auto") == 3 and sweep_jobs("3", "auto") == 3
     for nonsense in (0, -1, "two", None, 2.5, True):
         with pytest.raises(SystemExit):
-            _sweep_jobs(nonsense, "auto")
+            sweep_jobs(nonsense, "auto")
     assert (compose_cfg().perf.sweep_jobs, compose_cfg("perf=naive").perf.sweep_jobs) == ("auto", 1)
 
 
@@ -119,3 +119,55 @@ def test_the_record_names_the_precision_that_ran(tmp_path, tiny_tree):
     run = tmp_path / "run"
     train(run, tiny_tree, "model=resnet18", "strategy=frozen", "trainer.accelerator=cpu", "trainer.precision=16-mixed")
     assert read_metrics(run)["precision"] == "bf16-mixed"
+
+
+def test_perf_mps_starts_one_daemon_for_side_by_side_jobs_and_tells_it_to_quit(tmp_path, monkeypatch):
+    """perf.mps=true: the daemon starts before any job (which inherit its pipe folder) and is told to quit
+    at the sweep's end; nothing starts for one job at a time, without the daemon's binary, or under perf.mps=false."""
+    import os
+    import time
+
+    from omegaconf import OmegaConf
+
+    from tlexp import hydra_config
+    from tlexp.speed import mps
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / mps.CONTROL
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\n{{ if [ "$1" = -d ]; then echo "-d $CUDA_MPS_PIPE_DIRECTORY"; else echo "$(cat) $CUDA_MPS_PIPE_DIRECTORY"; fi; }} >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    for key in (mps.PIPE, mps.LOG):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(mps, "DEFAULT_PIPE", tmp_path / "no_daemon_here")
+    jobs = [7]
+    monkeypatch.setattr(hydra_config, "sweep_jobs", lambda *args: jobs[0])
+    monkeypatch.setattr(perf.torch.cuda, "is_available", lambda: True)
+    cfg = OmegaConf.create({"perf": {"mps": True, "sweep_jobs": "auto", "cache_budget_gb": 8}, "trainer": {"accelerator": "auto"},
+                            "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
+    callback = mps.MpsForSideBySideJobs()
+    try:
+        callback.on_multirun_start(cfg)
+        pipe = os.environ[mps.PIPE]
+        assert calls.read_text().splitlines() == [f"-d {pipe}"] and os.environ[mps.LOG] == str(tmp_path / "sweep" / ".mps_log")
+    finally:
+        callback.on_multirun_end(cfg)
+    assert mps.PIPE not in os.environ and mps.LOG not in os.environ
+    for _ in range(50):  # quit is sent without waiting for it
+        if len(calls.read_text().splitlines()) == 2 and not os.path.exists(pipe):
+            break
+        time.sleep(0.1)
+    assert calls.read_text().splitlines() == [f"-d {pipe}", f"quit {pipe}"] and not os.path.exists(pipe)
+    calls.unlink()
+    jobs[0] = 1
+    callback.on_multirun_start(cfg)
+    cfg.perf.mps, jobs[0] = False, 7
+    callback.on_multirun_start(cfg)
+    cfg.perf.mps = True
+    cfg.trainer.accelerator = "cpu"
+    callback.on_multirun_start(cfg)
+    cfg.trainer.accelerator = "auto"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    callback.on_multirun_start(cfg)
+    assert not calls.exists() and mps.PIPE not in os.environ and callback.started is None

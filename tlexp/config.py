@@ -44,7 +44,7 @@ NUMERIC = {
 }
 CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
-    "profile.runtime": RUNTIMES, "perf.channels_last": (True, False, "auto"), "optim.scheduler": SCHEDULERS,
+    "profile.runtime": RUNTIMES, "perf.channels_last": (True, False, "auto"), "perf.mps": (True, False), "optim.scheduler": SCHEDULERS,
     "data.augment.policy": tuple(POLICIES), "model.tta": ("none", "flip"),
 }
 

@@ -15,7 +15,7 @@ _CHECKOUT = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_PATH = str(_CHECKOUT) if (_CHECKOUT / "train.yaml").is_file() else "pkg://tlexp.conf"
 
 
-def _sweep_jobs(setting: int | str, accelerator: str, cache_budget_gb: float = 0) -> int:
+def sweep_jobs(setting: int | str, accelerator: str, cache_budget_gb: float = 0) -> int:
     """``perf.sweep_jobs`` for the local launcher (conf/hydra/launcher/local.yaml); torch is imported only for ``auto``."""
     if setting != "auto":
         whole = isinstance(setting, int) and not isinstance(setting, bool)  # true is an int to Python; null, 2.5 are not
@@ -32,7 +32,7 @@ def _sweep_jobs(setting: int | str, accelerator: str, cache_budget_gb: float = 0
     return side_by_side_jobs(accelerator, budget)
 
 
-OmegaConf.register_new_resolver("tlexp_sweep_jobs", _sweep_jobs, replace=True)
+OmegaConf.register_new_resolver("tlexp_sweep_jobs", sweep_jobs, replace=True)
 
 
 def compose(*overrides: str) -> DictConfig:

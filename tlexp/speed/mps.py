@@ -1,0 +1,81 @@
+"""``perf.mps``: the side-by-side jobs of a sweep on one GPU as clients of one CUDA MPS daemon.
+
+Without MPS a GPU runs one process's kernels at a time and takes the jobs' CUDA contexts in turn;
+with it, the small kernels of several batch-32 jobs can run at once. A Hydra callback: the daemon
+starts before the launcher starts any job (the jobs find it through the environment they inherit)
+and is told to quit when the sweep ends. A user-level process: the GPU's settings (compute mode,
+MIG) stay as they are. Whether it pays is measured by ``make bench-gpu`` (variant fast_mps).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+CONTROL = "nvidia-cuda-mps-control"
+PIPE, LOG = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"
+DEFAULT_PIPE = Path("/tmp/nvidia-mps")  # where clients look when PIPE is not set: a daemon someone else runs
+
+
+class MpsForSideBySideJobs(Callback):
+    def __init__(self):
+        self.started: tuple[str, dict[str, str], Path] | None = None  # the daemon this sweep started
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.perf.get("mps") is not True:
+            return
+        if PIPE in os.environ or (DEFAULT_PIPE / "control").exists():
+            _say("perf.mps: an MPS daemon is already running here; the jobs use it")
+            return
+        from tlexp import hydra_config
+        from tlexp.speed.defaults import uses_cuda
+
+        accelerator = config.trainer.accelerator
+        if not uses_cuda(accelerator) or hydra_config.sweep_jobs(config.perf.sweep_jobs, accelerator, config.perf.cache_budget_gb) < 2:
+            return  # no GPU, or one job at a time: nothing shares a GPU
+        control = shutil.which(CONTROL)
+        if control is None:
+            _say(f"perf.mps: {CONTROL} is not on PATH (it comes with the NVIDIA driver); the jobs share the GPU without MPS")
+            return
+        # The control socket's path has a length limit, so the pipe folder is a short one; the log stays with the sweep.
+        pipe = Path(tempfile.mkdtemp(prefix="tlexp-mps-"))
+        log = Path(config.hydra.sweep.dir) / ".mps_log"
+        log.mkdir(parents=True, exist_ok=True)
+        env = {PIPE: str(pipe), LOG: str(log)}
+        if subprocess.run([control, "-d"], env=os.environ | env, stdin=subprocess.DEVNULL, check=False).returncode != 0:
+            _say(f"perf.mps: `{CONTROL} -d` failed (its log: {log}); the jobs share the GPU without MPS")
+            shutil.rmtree(pipe, ignore_errors=True)
+            return
+        os.environ.update(env)  # the launcher's worker processes start after this and inherit it
+        self.started = (control, env, pipe)
+        atexit.register(self.stop)  # a sweep that ends in an exception skips on_multirun_end
+        _say(f"perf.mps: the jobs run as clients of an MPS daemon (log: {log})")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Tell the daemon to quit, without waiting: ``quit`` returns once every client has ended, and the
+        launcher's worker processes (clients) end only after this process. The environment goes back as it was."""
+        if self.started is None:
+            return
+        control, env, pipe = self.started
+        self.started = None
+        subprocess.Popen(
+            ["sh", "-c", 'echo quit | "$0"; rm -rf "$1"', control, str(pipe)], env=os.environ | env,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        for key in env:
+            os.environ.pop(key, None)
+
+
+def _say(message: str) -> None:
+    print(f"tlexp-train: {message}", file=sys.stderr)
