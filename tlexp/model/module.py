@@ -154,9 +154,11 @@ class TransferModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
-        accuracy(logits, y if y.dim() == 1 else y.argmax(1))  # MixUp/CutMix labels: the larger share counts
+        # update(), not forward: only epoch values are logged, and a forward also computes the batch's own
+        # value (76 tensor ops per step against 32: kernel launches on a GPU, where a batch-32 step is launch-bound)
+        accuracy.update(logits, y if y.dim() == 1 else y.argmax(1))  # MixUp/CutMix labels: the larger share counts
         mean_loss = getattr(self, f"{stage}_loss")
-        mean_loss(loss.detach(), weight=len(y))
+        mean_loss.update(loss.detach(), weight=len(y))
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y))
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss, logits
