@@ -56,6 +56,8 @@ def sweep(variant: str, out: Path, root: str, extra: list[str]) -> dict:
     wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"bench-gpu: {variant} failed; see {out / f'{variant}.log'}")
+    if "perf.mps=true" in VARIANTS[variant] and "jobs run as clients of an MPS daemon" not in (out / f"{variant}.log").read_text():
+        raise SystemExit(f"bench-gpu: {variant} ran without an MPS daemon of its own; see {out / f'{variant}.log'}")
     rows = {}
     for file in sorted(sweep_dir.glob(f"*/{RECORD}")):
         m = read_record(file)
@@ -113,8 +115,8 @@ def write_report(report: Path, results: dict, info: dict, command: str) -> None:
         )
     lines += [
         "",
-        "Jobs at once: the sweep's jobs running when a row's speed timing began or ended, the row's own included",
-        "(speed_setup.sweep_jobs): its ms/image was timed while that many rows used the GPU.",
+        "Jobs at once: the most of the sweep's jobs running when a row's speed timing began or when it ended, the",
+        "row's own included (speed_setup.sweep_jobs): its ms/image was timed beside up to that many jobs.",
         "",
         "| strategy | variant | jobs at once | fit, test, speed timing (s) | phase A (s) | phase B (s) | train images/s | peak GPU memory (MiB) | test acc | ms/image (batch 1) | runtime | precision |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",

@@ -106,6 +106,18 @@ def test_sweep_jobs_run_side_by_side_only_on_one_gpu(monkeypatch, compose_cfg, g
     assert (compose_cfg().perf.sweep_jobs, compose_cfg("perf=naive").perf.sweep_jobs) == ("auto", 1)
 
 
+def test_host_memory_is_the_cgroups_limit_where_that_is_lower(tmp_path, monkeypatch):
+    """A container's --memory or a SLURM job's --mem bounds perf.sweep_jobs=auto, not the node's RAM."""
+    machine = perf.host_memory_gib()
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(perf, "_CGROUP_LIMITS", (v2, v1))
+    assert perf.host_memory_gib() == machine  # no cgroup files
+    v2.write_text("max\n")
+    assert perf.host_memory_gib() == machine
+    v1.write_text(f"{4 * 2**30}\n")
+    assert perf.host_memory_gib() == 4.0
+
+
 def test_the_table_says_when_a_speed_was_timed_beside_other_jobs():
     from tlexp.report.table import _speed_on
 
@@ -123,13 +135,13 @@ def test_the_record_names_the_precision_that_ran(tmp_path, tiny_tree):
 
 def test_perf_mps_starts_one_daemon_for_side_by_side_jobs_and_tells_it_to_quit(tmp_path, monkeypatch):
     """perf.mps=true: the daemon starts before any job (which inherit its pipe folder) and is told to quit
-    at the sweep's end; nothing starts for one job at a time, without the daemon's binary, or under perf.mps=false."""
+    at the sweep's end; nothing starts for one job at a time (launcher or sweeper), on a CPU, under
+    perf.mps=false, without the daemon's binary, or where a daemon already runs; a failed start is one line."""
     import os
     import time
 
     from omegaconf import OmegaConf
 
-    from tlexp import hydra_config
     from tlexp.speed import mps
 
     calls = tmp_path / "calls.txt"
@@ -138,14 +150,15 @@ def test_perf_mps_starts_one_daemon_for_side_by_side_jobs_and_tells_it_to_quit(t
     fake.write_text(f'#!/bin/sh\n{{ if [ "$1" = -d ]; then echo "-d $CUDA_MPS_PIPE_DIRECTORY"; else echo "$(cat) $CUDA_MPS_PIPE_DIRECTORY"; fi; }} >> {calls}\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
-    for key in (mps.PIPE, mps.LOG):
-        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv(mps.PIPE, raising=False)
+    monkeypatch.setenv(mps.LOG, "/var/log/mine")  # the user's own value comes back after the sweep
     monkeypatch.setattr(mps, "DEFAULT_PIPE", tmp_path / "no_daemon_here")
-    jobs = [7]
-    monkeypatch.setattr(hydra_config, "sweep_jobs", lambda *args: jobs[0])
     monkeypatch.setattr(perf.torch.cuda, "is_available", lambda: True)
-    cfg = OmegaConf.create({"perf": {"mps": True, "sweep_jobs": "auto", "cache_budget_gb": 8}, "trainer": {"accelerator": "auto"},
-                            "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    cfg = OmegaConf.create({
+        "perf": {"mps": True}, "trainer": {"accelerator": "auto"},
+        "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "launcher": {"_target_": joblib, "n_jobs": 7}, "sweeper": {"max_batch_size": None}},
+    })
     callback = mps.MpsForSideBySideJobs()
     try:
         callback.on_multirun_start(cfg)
@@ -153,21 +166,27 @@ def test_perf_mps_starts_one_daemon_for_side_by_side_jobs_and_tells_it_to_quit(t
         assert calls.read_text().splitlines() == [f"-d {pipe}"] and os.environ[mps.LOG] == str(tmp_path / "sweep" / ".mps_log")
     finally:
         callback.on_multirun_end(cfg)
-    assert mps.PIPE not in os.environ and mps.LOG not in os.environ
+    assert mps.PIPE not in os.environ and os.environ[mps.LOG] == "/var/log/mine"
     for _ in range(50):  # quit is sent without waiting for it
         if len(calls.read_text().splitlines()) == 2 and not os.path.exists(pipe):
             break
         time.sleep(0.1)
     assert calls.read_text().splitlines() == [f"-d {pipe}", f"quit {pipe}"] and not os.path.exists(pipe)
     calls.unlink()
-    jobs[0] = 1
-    callback.on_multirun_start(cfg)
-    cfg.perf.mps, jobs[0] = False, 7
-    callback.on_multirun_start(cfg)
-    cfg.perf.mps = True
-    cfg.trainer.accelerator = "cpu"
-    callback.on_multirun_start(cfg)
-    cfg.trainer.accelerator = "auto"
-    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    quiet = [
+        {"hydra": {"launcher": {"n_jobs": 1}}}, {"hydra": {"sweeper": {"n_jobs": 1}}},  # Optuna, one trial at a time
+        {"hydra": {"launcher": {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}}},
+        {"trainer": {"accelerator": "cpu"}}, {"perf": {"mps": False}},
+    ]
+    for change in quiet:
+        callback.on_multirun_start(OmegaConf.merge(cfg, change))
+    (tmp_path / "no_daemon_here").mkdir()
+    (tmp_path / "no_daemon_here" / "control").touch()  # a daemon already serves the default pipe folder
     callback.on_multirun_start(cfg)
     assert not calls.exists() and mps.PIPE not in os.environ and callback.started is None
+    monkeypatch.setattr(mps, "DEFAULT_PIPE", tmp_path / "no_daemon_here_either")
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    callback.on_multirun_start(cfg)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    callback.on_multirun_start(cfg)
+    assert mps.PIPE not in os.environ and callback.started is None

@@ -156,20 +156,32 @@ def test_one_job_at_a_time_holds_even_after_the_lock_file_is_removed(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_speed_figures_count_the_jobs_that_ran_beside_them_not_the_launchers_cap(tmp_path):
-    """speed_setup.sweep_jobs counts the run dirs whose job holds its .tlexp.running lock: a finished
-    job is not counted, and a job that starts while another counts waits a moment instead of being refused."""
+def test_speed_figures_count_the_jobs_that_ran_beside_them_not_the_launchers_cap(tree, tmp_path):
+    """speed_setup.sweep_jobs counts the sweep's jobs on this machine whose .tlexp.running lock is held while
+    a job times its speed: a finished job, or one on another node, is not counted; a job that starts while
+    another counts waits a moment instead of being refused."""
     from tlexp import runs
 
-    with runs.locked(tmp_path / "0_a"), runs.locked(tmp_path / "1_b"):
-        with runs.locked(tmp_path / "2_c"):
-            assert runs.jobs_running(tmp_path) == 3
-        assert runs.jobs_running(tmp_path) == 2  # 2_c has finished
-    assert runs.jobs_running(tmp_path) == 0
-    starting = tmp_path / "3_d"
+    sweep = tmp_path / "sweep"
+    with runs.locked(sweep / "0_a"), runs.locked(sweep / "1_b"):
+        with runs.locked(sweep / "2_c"):
+            assert runs.jobs_running(sweep) == 3
+        assert runs.jobs_running(sweep) == 2  # 2_c has finished
+        elsewhere = sweep / "3_on_another_node"
+        elsewhere.mkdir()
+        (elsewhere / runs.RUNNING).write_text("another-node")
+        with open(elsewhere / runs.RUNNING) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            assert runs.jobs_running(sweep) == 2
+        # a job of the sweep (launched by the test below) times its speed while 0_a and 1_b run
+        result = run_cli("-m", *FAST, f"data.root={tree}", "model=resnet18", "strategy=frozen", f"hydra.sweep.dir={sweep}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(sweep / "0_resnet18_frozen")["speed_setup"]["sweep_jobs"] == 3
+    assert runs.jobs_running(sweep) == 0
+    starting = sweep / "4_d"
     starting.mkdir()
     with open(starting / runs.RUNNING, "a") as probe:  # another job's count, caught in the middle
         fcntl.flock(probe, fcntl.LOCK_SH)
         threading.Timer(0.2, probe.close).start()
         with runs.locked(starting):
-            assert runs.jobs_running(tmp_path) == 1
+            assert runs.jobs_running(sweep) == 1

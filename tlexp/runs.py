@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -218,8 +219,9 @@ def resume_point(cfg, run_dir: Path) -> tuple[dict | None, str | None]:
     return None, found
 
 
-# Held by a job for as long as it runs; the other jobs of its sweep count the held ones (jobs_running).
-# Not .tlexp.lock: a job that finds that one held refuses to start, and a count would hold it for a moment.
+# Held by a job for as long as it runs, with the machine's name in it; the other jobs of its sweep count
+# the held ones on their machine (jobs_running). Not .tlexp.lock: a job that finds that one held refuses
+# to start, and a count would hold it for a moment.
 RUNNING = ".tlexp.running"
 
 
@@ -242,6 +244,9 @@ def locked(run_dir: Path):
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
+        running.truncate(0)  # written before it is locked: a count never reads it half-written
+        running.write(socket.gethostname())
+        running.flush()
         fcntl.flock(running, fcntl.LOCK_EX)  # waits only while another job's count looks at it
         for leftover in (run_dir / "checkpoints").glob(".*.tmp"):  # a checkpoint write that was killed: ours now
             leftover.unlink()
@@ -254,19 +259,21 @@ def locked(run_dir: Path):
 
 
 def jobs_running(sweep_dir: Path) -> int:
-    """Jobs running now in ``sweep_dir``'s run dirs, the caller's included: those whose ``RUNNING`` lock is held.
+    """Jobs of ``sweep_dir`` running now on this machine, the caller's included: their ``RUNNING`` lock is held.
 
-    What the launcher's cap (perf.sweep_jobs) cannot say: an Optuna search runs its trials one by
-    one, and a sweep's last rows run with fewer beside them.
+    What the launcher's cap (perf.sweep_jobs) cannot say: an Optuna search with ``n_jobs: 1`` runs
+    its trials one by one, and a sweep's last rows run with fewer beside them. Jobs of a SLURM
+    array on other nodes share no device with this one: not counted.
     """
-    count = 0
-    for mark in sweep_dir.glob(f"*/{RUNNING}"):
+    here, count = socket.gethostname(), 0
+    for mark in sweep_dir.rglob(RUNNING):
         try:
             with open(mark) as probe:  # closing it lets a shared lock go at once
-                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            count += 1
-        except FileNotFoundError:  # a run dir being removed
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    count += probe.read() == here
+        except OSError:  # a run dir being removed, another user's file: not a job this one can see
             continue
     return count
 

@@ -87,10 +87,10 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
 
     if cfg.profile.enabled:  # Lightning has moved the model back to the CPU: time it where it trained
         size = module.preprocessing.crop_size
-        jobs = _jobs_running(run_dir)
+        jobs = _jobs_running()
         with runs.sigterm_stops():
             extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile)}
-        jobs = max(jobs, _jobs_running(run_dir))
+        jobs = max(jobs, _jobs_running())
         if jobs > 1:  # other jobs of the sweep shared the machine: its figures are a busy device's
             extra["speed_setup"]["sweep_jobs"] = jobs
     extra |= {"lr_find": lr_find, "wall_time_s": fit_seconds + time.perf_counter() - after_fit}
@@ -115,9 +115,10 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     return results
 
 
-def _jobs_running(run_dir: Path) -> int:
-    """Jobs of this sweep running now, this one included (its run dirs are ``run_dir``'s siblings); 1 outside a sweep."""
-    return runs.jobs_running(run_dir.parent) if HydraConfig.get().mode == RunMode.MULTIRUN else 1
+def _jobs_running() -> int:
+    """Jobs of this sweep running now on this machine, this one included; 1 outside a sweep."""
+    hydra = HydraConfig.get()
+    return runs.jobs_running(Path(hydra.sweep.dir)) if hydra.mode == RunMode.MULTIRUN else 1
 
 
 def job(cfg: DictConfig) -> float | None:

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -76,16 +77,31 @@ def resolve_channels_last(setting: bool | str, accelerator: str) -> bool:
 # A guess of one job's GPU memory, with room: the seed_table_offline rows (Lite0) peaked at 0.1-0.9 GiB
 # each on an H200 (docs/bench_gpu.md); larger backbones trained in full take more.
 _GPU_GIB_PER_JOB = 8
-# A job's host memory besides its feature store's RAM (perf.cache_budget_gb): a Lite0 blocks_2 job on
-# all of TF Flowers peaked at 3.5 GiB resident on the CPU, about 2 GiB of it decoded views (docs/bench_gpu_notes.md).
+# A job's host memory besides its feature store's RAM (perf.cache_budget_gb): a Lite0 blocks_2 job on all
+# of TF Flowers with 12 loader workers peaked at 3.9 GiB (PSS of its processes), about 1.9 GiB of it values
+# the store held (docs/bench_gpu_notes.md).
 _HOST_GIB_PER_JOB = 2
 
 
+# The memory limit of this process's cgroup (a container's --memory, a SLURM job's --mem): v2, then v1.
+_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
 def host_memory_gib() -> float | None:
+    """The memory this process may use: the machine's, or its cgroup's limit where that is lower."""
+    sizes = []
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
-        return None
+        pass
+    for limit in _CGROUP_LIMITS:
+        try:
+            text = limit.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            sizes.append(int(text))
+    return min(sizes) / 2**30 if sizes else None
 
 
 def side_by_side_jobs(accelerator: str, cache_budget_gb: float = 0) -> int:
@@ -104,5 +120,5 @@ def side_by_side_jobs(accelerator: str, cache_budget_gb: float = 0) -> int:
     # the cores this process may use (taskset, a SLURM allocation), not the node's; Linux only
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     host = host_memory_gib()
-    by_host = 8 if host is None else int(host // (_HOST_GIB_PER_JOB + max(cache_budget_gb, 0)))
+    by_host = 8 if host is None else int(host // (_HOST_GIB_PER_JOB + max(cache_budget_gb, 0) * 1e9 / 2**30))
     return max(1, min(8, cores // 2, int(gib // _GPU_GIB_PER_JOB), by_host))

@@ -28,35 +28,41 @@ DEFAULT_PIPE = Path("/tmp/nvidia-mps")  # where clients look when PIPE is not se
 class MpsForSideBySideJobs(Callback):
     def __init__(self):
         self.started: tuple[str, dict[str, str], Path] | None = None  # the daemon this sweep started
+        self.replaced: dict[str, str | None] = {}  # the environment's values before it
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if config.perf.get("mps") is not True:
+        if config.perf.get("mps") is not True or side_by_side(config) < 2:
+            return  # one job at a time, or jobs on other machines (SLURM): nothing shares this GPU
+        from tlexp.speed.defaults import uses_cuda
+
+        if not uses_cuda(config.trainer.accelerator):
             return
         if PIPE in os.environ or (DEFAULT_PIPE / "control").exists():
             _say("perf.mps: an MPS daemon is already running here; the jobs use it")
             return
-        from tlexp import hydra_config
-        from tlexp.speed.defaults import uses_cuda
-
-        accelerator = config.trainer.accelerator
-        if not uses_cuda(accelerator) or hydra_config.sweep_jobs(config.perf.sweep_jobs, accelerator, config.perf.cache_budget_gb) < 2:
-            return  # no GPU, or one job at a time: nothing shares a GPU
         control = shutil.which(CONTROL)
         if control is None:
             _say(f"perf.mps: {CONTROL} is not on PATH (it comes with the NVIDIA driver); the jobs share the GPU without MPS")
             return
+        try:
+            self._start(control, Path(config.hydra.sweep.dir) / ".mps_log")
+        except OSError as exc:  # Hydra would turn it into a warning with a traceback
+            _say(f"perf.mps: could not start {CONTROL} ({exc}); the jobs share the GPU without MPS")
+
+    def _start(self, control: str, log: Path) -> None:
         # The control socket's path has a length limit, so the pipe folder is a short one; the log stays with the sweep.
         pipe = Path(tempfile.mkdtemp(prefix="tlexp-mps-"))
-        log = Path(config.hydra.sweep.dir) / ".mps_log"
         log.mkdir(parents=True, exist_ok=True)
         env = {PIPE: str(pipe), LOG: str(log)}
         if subprocess.run([control, "-d"], env=os.environ | env, stdin=subprocess.DEVNULL, check=False).returncode != 0:
-            _say(f"perf.mps: `{CONTROL} -d` failed (its log: {log}); the jobs share the GPU without MPS")
             shutil.rmtree(pipe, ignore_errors=True)
+            _say(f"perf.mps: `{CONTROL} -d` failed (its log: {log}); the jobs share the GPU without MPS")
             return
+        self.replaced = {key: os.environ.get(key) for key in env}
         os.environ.update(env)  # the launcher's worker processes start after this and inherit it
         self.started = (control, env, pipe)
         atexit.register(self.stop)  # a sweep that ends in an exception skips on_multirun_end
+        # The daemon starts a server when the first job connects: a server that cannot start shows in the jobs' logs.
         _say(f"perf.mps: the jobs run as clients of an MPS daemon (log: {log})")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -64,7 +70,7 @@ class MpsForSideBySideJobs(Callback):
 
     def stop(self) -> None:
         """Tell the daemon to quit, without waiting: ``quit`` returns once every client has ended, and the
-        launcher's worker processes (clients) end only after this process. The environment goes back as it was."""
+        launcher's worker processes (clients) end only after this process. The environment gets its values back."""
         if self.started is None:
             return
         control, env, pipe = self.started
@@ -73,8 +79,22 @@ class MpsForSideBySideJobs(Callback):
             ["sh", "-c", 'echo quit | "$0"; rm -rf "$1"', control, str(pipe)], env=os.environ | env,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
-        for key in env:
-            os.environ.pop(key, None)
+        for key, value in self.replaced.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def side_by_side(config: DictConfig) -> int:
+    """Jobs the sweep runs at once on this machine: the local (joblib) launcher's, in batches the sweeper may cap."""
+    launcher = config.hydra.launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    jobs = int(launcher.n_jobs)
+    # Optuna asks for n_jobs trials at a time; the basic sweeper's batches may be capped too
+    batch = config.hydra.sweeper.get("n_jobs") or config.hydra.sweeper.get("max_batch_size")
+    return min(jobs, int(batch)) if batch else jobs
 
 
 def _say(message: str) -> None:
