@@ -190,3 +190,48 @@ def test_perf_mps_starts_one_daemon_for_side_by_side_jobs_and_tells_it_to_quit(t
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     callback.on_multirun_start(cfg)
     assert mps.PIPE not in os.environ and callback.started is None
+
+
+def test_perf_mps_daemon_is_told_to_quit_when_the_sweep_is_terminated(tmp_path):
+    """SIGTERM (a scheduler's kill, `timeout`) skips atexit: the daemon would outlive the sweep."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tlexp.speed import mps
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / mps.CONTROL
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\n{{ if [ "$1" = -d ]; then echo "-d"; else echo "$(cat)"; fi; }} >> {calls}\n')
+    fake.chmod(0o755)
+    sweep = f"""
+import time
+from omegaconf import OmegaConf
+from tlexp.speed import defaults, mps
+defaults.torch.cuda.is_available = lambda: True
+mps.DEFAULT_PIPE = mps.Path({str(tmp_path / "no_daemon_here")!r})
+launcher = {{"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}}
+mps.MpsForSideBySideJobs().on_multirun_start(OmegaConf.create({{
+    "perf": {{"mps": True}}, "trainer": {{"accelerator": "auto"}},
+    "hydra": {{"sweep": {{"dir": {str(tmp_path / "sweep")!r}}}, "launcher": launcher, "sweeper": {{}}}},
+}}))
+print("started", flush=True)
+time.sleep(60)
+"""
+    pipes = tmp_path / "tmp"  # where the daemon's pipe folder is made
+    pipes.mkdir()
+    env = os.environ | {"PATH": f"{fake.parent}:/usr/bin:/bin", "TMPDIR": str(pipes)}
+    env.pop(mps.PIPE, None)
+    proc = subprocess.Popen([sys.executable, "-c", sweep], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started" and len(list(pipes.iterdir())) == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM  # still ends as terminated
+    for _ in range(50):
+        if calls.read_text().splitlines() == ["-d", "quit"] and not any(pipes.iterdir()):
+            break
+        time.sleep(0.1)
+    assert calls.read_text().splitlines() == ["-d", "quit"]
+    assert not any(pipes.iterdir())  # the daemon's pipe folder went with it

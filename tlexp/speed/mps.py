@@ -3,8 +3,8 @@
 Without MPS a GPU runs one process's kernels at a time and takes the jobs' CUDA contexts in turn;
 with it, the small kernels of several batch-32 jobs can run at once. A Hydra callback: the daemon
 starts before the launcher starts any job (the jobs find it through the environment they inherit)
-and is told to quit when the sweep ends. A user-level process: the GPU's settings (compute mode,
-MIG) stay as they are. Whether it pays is measured by ``make bench-gpu`` (variant fast_mps).
+and is told to quit when the sweep ends or is terminated. A user-level process: the GPU's settings
+(compute mode, MIG) stay as they are. Whether it pays is measured by ``make bench-gpu`` (variant fast_mps).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ class MpsForSideBySideJobs(Callback):
     def __init__(self):
         self.started: tuple[str, dict[str, str], Path] | None = None  # the daemon this sweep started
         self.replaced: dict[str, str | None] = {}  # the environment's values before it
+        self.on_sigterm = None  # SIGTERM's handler before the daemon started
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.perf.get("mps") is not True or side_by_side(config) < 2:
@@ -62,6 +64,7 @@ class MpsForSideBySideJobs(Callback):
         os.environ.update(env)  # the launcher's worker processes start after this and inherit it
         self.started = (control, env, pipe)
         atexit.register(self.stop)  # a sweep that ends in an exception skips on_multirun_end
+        self.on_sigterm = signal.signal(signal.SIGTERM, self._stop_then_terminate)  # which skips atexit
         # The daemon starts a server when the first job connects: a server that cannot start shows in the jobs' logs.
         _say(f"perf.mps: the jobs run as clients of an MPS daemon (log: {log})")
 
@@ -84,6 +87,11 @@ class MpsForSideBySideJobs(Callback):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self.on_sigterm is None else self.on_sigterm)
+
+    def _stop_then_terminate(self, signum, frame) -> None:
+        self.stop()  # puts SIGTERM's own handler back, which the signal raised again then meets
+        signal.raise_signal(signum)
 
 
 def side_by_side(config: DictConfig) -> int:
