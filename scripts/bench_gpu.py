@@ -138,7 +138,8 @@ def write_report(report: Path, results: dict, info: dict, command: str) -> None:
 
 SPLIT = (("job_start_s", "job started (s after the sweep)"), ("before_fit_s", "before fit: data, model (s)"),
          ("fit_s", "fit (s)"), ("decoded_views_s", "of which decoded views (s)"), ("prefix_outputs_s", "prefix outputs (s)"),
-         ("waiting_for_other_jobs_s", "waiting for other jobs (s)"), ("test_s", "test (s)"), ("speed_s", "speed timing (s)"))
+         ("waiting_for_other_jobs_s", "waiting for other jobs (s)"), ("test_s", "test (s)"), ("speed_s", "speed timing (s)"),
+         ("speed_cpu_s", "of which CPU figures (s)"))
 
 
 def time_split_table(results: dict) -> list[str]:

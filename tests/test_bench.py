@@ -52,7 +52,7 @@ def test_gpu_bench_report_has_rows_ratio_and_machine(tmp_path):
     row = {"fit_and_test_s": 10.0, "phase_a_s": 2.0, "phase_b_s": 7.0, "train_images_per_s": 900.0, "peak_gpu_memory_mib": 1500.0,
            "test_acc": 0.9, "ms_per_image": 1.5, "runtime": "cudagraph", "precision": "32-true"}
     split = {"job_start_s": 4.25, "before_fit_s": 3.0, "fit_s": 9.0, "decoded_views_s": 2.5, "prefix_outputs_s": 1.0,
-             "waiting_for_other_jobs_s": 0.5, "test_s": 0.5, "speed_s": 2.0}
+             "waiting_for_other_jobs_s": 0.5, "test_s": 0.5, "speed_s": 2.0, "speed_cpu_s": 1.5}
     naive_split = {"job_start_s": 1.0, "before_fit_s": 2.0, "fit_s": 30.0, "test_s": 1.0, "speed_s": 2.0}
     results = {"naive": {"wall_s": 600.0, "mean_test_acc": 0.93, "rows": {"frozen": row | {"time_split": naive_split}}},
                "fast": {"wall_s": 100.0, "mean_test_acc": 0.925, "rows": {"frozen": row | {"time_split": split}}}}
@@ -61,8 +61,8 @@ def test_gpu_bench_report_has_rows_ratio_and_machine(tmp_path):
     text = (tmp_path / "bench_gpu.md").read_text()
     assert "**6.00x**" in text and "(-0.50 points)" in text and "NVIDIA H100" in text
     assert "| frozen | naive | 1 | 10.0 | 2.0 | 7.0 | 900 | 1,500 | 90.00 % | 1.50 | cudagraph | 32-true |" in text
-    assert "| frozen | fast | 4.2 | 3.0 | 9.0 | 2.5 | 1.0 | 0.5 | 0.5 | 2.0 |" in text
-    assert "| frozen | naive | 1.0 | 2.0 | 30.0 | – | – | – | 1.0 | 2.0 |" in text  # no cache: nothing of its own
+    assert "| frozen | fast | 4.2 | 3.0 | 9.0 | 2.5 | 1.0 | 0.5 | 0.5 | 2.0 | 1.5 |" in text
+    assert "| frozen | naive | 1.0 | 2.0 | 30.0 | – | – | – | 1.0 | 2.0 | – |" in text  # no cache: nothing of its own
     del results["naive"]  # written after each sweep: the fast sweep alone has no ratio yet
     bench_gpu.write_report(tmp_path, results, info, "python scripts/bench_gpu.py --root x")
     assert "perf=naive not run: no ratio" in (tmp_path / "bench_gpu.md").read_text()

@@ -70,3 +70,4 @@ def test_flops_and_speed_run_on_the_models_device(compose_cfg, tiny_tree):
     assert gflops_per_image(module, 32) > 0
     speed = inference_speed(module, 32, batch_size=4, warmup=1, repeats=2, runtime="eager")
     assert speed["speed_setup"]["device"] == "meta" and speed["speed_setup"]["runtime"] == "eager"
+    assert speed["speed_setup"]["seconds"] > 0  # what timing cost the run (time_split.speed_cpu_s after a GPU run)

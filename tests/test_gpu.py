@@ -24,6 +24,7 @@ def test_a_run_trains_and_times_on_the_gpu(tmp_path, tiny_tree, perf, strategy):
     metrics = read_metrics(run)
     assert metrics["status"] == "completed" and metrics["speed_setup"]["device"] == "cuda"
     assert metrics["cpu"]["speed_setup"]["device"] == "cpu" and metrics["cpu"]["ms_per_image"] > 0
+    assert 0 < metrics["time_split"]["speed_cpu_s"] < metrics["time_split"]["speed_s"]
     assert metrics["peak_gpu_memory_mib"] > 0
     if perf == "fast":  # fp32 and NCHW on a GPU (tlexp/perf.py); the timed path is CUDA graphs
         assert metrics["precision"] == "32-true" and metrics["speed_setup"]["runtime"] == "cudagraph"

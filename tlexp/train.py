@@ -103,6 +103,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         "started_at": started_at, "before_fit_s": fit_started - started, "fit_s": after_fit - fit_started, "test_s": tested - after_fit,
         "speed_s": time.perf_counter() - tested, **(cache.seconds if cache else {}),
     }
+    if "cpu" in extra:  # after a GPU run: how much of the speed timing the CPU's figures took
+        extra["time_split"]["speed_cpu_s"] = extra["cpu"]["speed_setup"]["seconds"]
     results = record.completed_record(
         cfg, run_dir, identity=identity, data=data, module=module, units=units, trainable_params=phase_b_params(module.head, units), epochs=fitted,
         test=test, precision=trainer.precision, extra=extra,
