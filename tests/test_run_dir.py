@@ -69,6 +69,21 @@ def test_a_resume_that_changes_a_result_setting_is_refused(tmp_path, tree, finis
 
 
 
+def test_a_refused_resume_puts_back_the_files_of_the_last_start_that_recorded(tmp_path, tree, finished):
+    """A finished run resumed from its last.ckpt is tested and recorded again (its .hydra files now name the
+    ckpt_path) without a new checkpoint: a later refused resume restores the record's files, not the checkpoint's."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    last = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    train(run, tree, *SCHEDULE, last)
+    before = _snapshot(run)
+    assert "ckpt_path: null" not in before["config.yaml"].decode()
+    refused = train(run, tree, *SCHEDULE, "seed=7", last, check=False)
+    assert refused.returncode == 2 and "seed: 42 -> 7" in refused.stderr
+    assert _snapshot(run) == before
+    assert (run / ".hydra" / "config.yaml").read_text() == read_metrics(run)["run"]["hydra_files"]["config.yaml"]
+
+
 def test_resume_true_on_a_finished_run(tmp_path, tree, finished):
     run = tmp_path / "run"
     shutil.copytree(finished, run)

@@ -296,7 +296,7 @@ def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:
             _same_model(ckpt_path, *((s.get("model.source"), s.get("model.name")) for s in (saved, now)))
         changed = differences(saved, now, ignore=EXTENDABLE) if identity else []
         if owned and (changed or done is not None):
-            restore_hydra_files(run_dir, identity)
+            restore_hydra_files(run_dir, _recorded_identity(run_dir) or identity)
         if changed:
             what = f"the completed run in {run_dir}" if done is not None else f"the run that wrote {ckpt_path}"
             raise RunDirRefused(
@@ -307,10 +307,19 @@ def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:
     existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     previous = read_record(run_dir) if (run_dir / RECORD).exists() else {}
     if existing or previous.get("status") == "completed":
-        restore_hydra_files(run_dir, previous.get("run") or _checkpoint_identity(existing[-1]))
+        restore_hydra_files(run_dir, _recorded_identity(run_dir) or _checkpoint_identity(existing[-1]))
         raise RunDirRefused(
             f"{run_dir} already holds a run: resume=true continues it; a new run needs its own folder (hydra.run.dir=...)"
         )
+
+
+def _recorded_identity(run_dir: Path) -> dict | None:
+    """The identity in the folder's metrics.json: the last start that wrote the folder, where a checkpoint
+    may be older (a completed run resumed from its last.ckpt is tested and recorded again, not saved)."""
+    try:
+        return read_record(run_dir).get("run") if (run_dir / RECORD).exists() else None
+    except (OSError, ValueError):  # a damaged record: the checkpoint's identity is the next best
+        return None
 
 
 def _checkpoint_identity(path) -> dict | None:
