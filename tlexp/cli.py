@@ -6,7 +6,10 @@ torch and Lightning (seconds to import) are left out until the task itself start
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -24,45 +27,126 @@ def _train(cfg: DictConfig) -> float | None:
 def train() -> None:
     """``tlexp-train``; with ``--cfg``, a config the run would refuse is refused here too (exit 2)."""
     args = sys.argv[1:]
-    if {"--cfg", "-c"} & set(args) and not {"-m", "--multirun"} & set(args):
-        _refuse_bad_config(args)
+    cfg = composed_or_refused("train", "tlexp-train", args)
+    if cfg is not None and {"--cfg", "-c"} & set(args) and not {"-m", "--multirun"} & set(args):
+        _refuse_bad_config(cfg)
     _train()
 
 
 # Hydra's flags that take a value: their value is not an override.
 _VALUED = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
            "--info", "--experimental-rerun"}
+# Flags after which the arguments are not (only) a run's overrides: Hydra answers them itself.
+_NOT_A_RUN = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--config-path", "-cp",
+              "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun", "--version"}
 
 
-def _refuse_bad_config(args: list[str]) -> None:
-    """Compose what ``--cfg`` shows and run the checks a job runs first (tlexp/config.py, the strategy name)."""
-    from tlexp.config import check_config
-    from tlexp.errors import TlexpError
-    from tlexp.hydra_config import compose
-    from tlexp.model.strategies import parse_strategy
+def composed_or_refused(config_name: str, tool: str, args: list[str]) -> DictConfig | None:
+    """The config ``args`` give (a sweep's first values), or one line and exit 2 where Hydra would print twenty
+    lines or a traceback: an option a config group does not have (every value of a sweep), a setting that
+    does not exist, a required value not given. None where Hydra answers itself (help, its other errors)."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
+    from tlexp.hydra_config import initialized
+
+    if _NOT_A_RUN & set(args) or any("hydra.searchpath" in a for a in args):  # options from elsewhere: Hydra knows them
+        return None
     overrides = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in _VALUED)]
     try:
-        cfg = compose(*overrides)
-    except Exception:  # noqa: BLE001 -- an override Hydra cannot compose: Hydra says why, as without --cfg
-        return
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return None
+    with initialized():
+        first = []
+        for text, override in zip(overrides, parsed):
+            try:
+                values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+            except HydraException:  # an interval or a glob: a search space the sweeper reads
+                continue
+            options = [] if override.is_delete() else GlobalHydra.instance().config_loader().get_group_options(override.key_or_group)
+            for value in values if options else []:
+                if value not in options:
+                    _refuse(tool, f"{override.key_or_group}={value}: no such option{_did_you_mean(value, options)}; "
+                                  f"the options are {', '.join(options)}")
+            first.append(f"{override.get_key_element()}={values[0]}" if override.is_sweep_override() else text)
+        try:
+            cfg = compose(config_name, overrides=first)
+        except HydraException as exc:
+            unknown = re.match(r"Could not override '([^']+)'", str(exc))
+            if unknown is None:
+                return None
+            key = unknown[1]
+            known = list(_settings(compose(config_name, overrides=[o for o in first if o.split("=", 1)[0] != key])))
+            _refuse(tool, f"{key} is not a setting{_did_you_mean(key, known)}: `{tool} --cfg job` lists them "
+                          f"(+{key}=... adds a new one, for a library that reads it)")
+    missing = [path for path, node in _settings(cfg).items() if node._is_missing()]
+    if missing:
+        _refuse(tool, f"{missing[0]} has no value: give {missing[0]}=... (`{tool} --help` shows the settings)")
+    return cfg
+
+
+def _settings(cfg: DictConfig, prefix: str = "") -> dict:
+    """Every setting's dotted path and node, read without resolving interpolations (some need a running job)."""
+    found = {}
+    for key in cfg:
+        node, path = cfg._get_node(key), f"{prefix}{key}"
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_interpolation() and not node._is_none():
+            found |= _settings(node, f"{path}.")
+        else:
+            found[path] = node
+    return found
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    known = [k for k in known if not k.rsplit(".", 1)[-1].startswith("_")]  # _target_ and the like: not a user's setting
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    if not close:  # `lr` for `optim.lr`: the same last part under another group
+        close = [k for k in known if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:1]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _refuse(tool: str, message: str) -> NoReturn:
+    print(f"{tool}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _refuse_bad_config(cfg: DictConfig) -> None:
+    """Run on the config ``--cfg`` shows the checks a job runs first (tlexp/config.py, the strategy name)."""
+    from tlexp.config import check_config
+    from tlexp.errors import TlexpError
+    from tlexp.model.strategies import parse_strategy
+
     try:
         check_config(cfg)
         parse_strategy(cfg.strategy)
     except TlexpError as exc:
-        print(f"tlexp-train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _refuse("tlexp-train", str(exc))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
-def predict(cfg: DictConfig) -> None:
+def _predict(cfg: DictConfig) -> None:
     from tlexp.predict import job
 
     job(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-def export(cfg: DictConfig) -> None:
+def _export(cfg: DictConfig) -> None:
     from tlexp.export import job
 
     job(cfg)
+
+
+def predict() -> None:
+    """``tlexp-predict``."""
+    composed_or_refused("predict", "tlexp-predict", sys.argv[1:])
+    _predict()
+
+
+def export() -> None:
+    """``tlexp-export``."""
+    composed_or_refused("export", "tlexp-export", sys.argv[1:])
+    _export()

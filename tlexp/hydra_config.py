@@ -35,14 +35,17 @@ def sweep_jobs(setting: int | str, accelerator: str, cache_budget_gb: float = 0)
 OmegaConf.register_new_resolver("tlexp_sweep_jobs", sweep_jobs, replace=True)
 
 
-def compose(*overrides: str) -> DictConfig:
-    """``tlexp-train``'s configuration with ``overrides`` (its command-line syntax), for library use.
+def initialized():
+    """Hydra set up on tlexp's configuration (a context), as the CLIs find it."""
+    if CONFIG_PATH.startswith("pkg://"):
+        return initialize_config_module("tlexp.conf", version_base="1.3")
+    return initialize_config_dir(CONFIG_PATH, version_base="1.3")
+
+
+def compose(*overrides: str, config_name: str = "train") -> DictConfig:
+    """``tlexp-train``'s configuration (or another tool's) with ``overrides`` (its command-line syntax), for library use.
 
     The same defaults as the CLI; nothing is run and no run directory is made.
     """
-    where = (
-        initialize_config_module("tlexp.conf", version_base="1.3") if CONFIG_PATH.startswith("pkg://")
-        else initialize_config_dir(CONFIG_PATH, version_base="1.3")
-    )
-    with where:
-        return hydra_compose("train", overrides=list(overrides))
+    with initialized():
+        return hydra_compose(config_name, overrides=list(overrides))
