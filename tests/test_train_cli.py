@@ -270,6 +270,13 @@ def test_what_hydra_would_refuse_in_twenty_lines_is_one(module, args, error):
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(error), result.stderr
 
 
+def test_a_new_setting_named_like_an_existing_one_is_warned_about():
+    """`+data.batchsize=8` (the usual next try after "not a setting") is taken, and nothing reads it."""
+    result = run_module("tlexp.train", "--cfg", "job", "model=resnet18", "+data.batchsize=8", "+trainer.max_time=00:00:10:00")
+    assert result.returncode == 0 and "batchsize: 8" in result.stdout
+    assert result.stderr.strip().splitlines() == ["tlexp-train: warning: +data.batchsize adds a new setting (did you mean data.batch_size?)"]
+
+
 def test_a_default_run_prints_no_warning(tmp_path, tiny_tree):
     """Issue 16: nothing a user cannot act on (Lightning's tips, library warnings) in a run with default settings."""
     result = run_cli("model.weights=null", "data=imagefolder", f"data.root={tiny_tree}", "data.image_size=32", "data.num_workers=0",

@@ -82,10 +82,21 @@ def composed_or_refused(config_name: str, tool: str, args: list[str]) -> DictCon
             known = list(_settings(compose(config_name, overrides=[o for o in first if o.split("=", 1)[0] != key])))
             _refuse(tool, f"{key} is not a setting{_did_you_mean(key, known)}: `{tool} --cfg job` lists them "
                           f"(+{key}=... adds a new one, for a library that reads it)")
-    missing = [path for path, node in _settings(cfg).items() if node._is_missing()]
+    settings = _settings(cfg)
+    missing = [path for path, node in settings.items() if node._is_missing()]
     if missing:
         _refuse(tool, f"{missing[0]} has no value: give {missing[0]}=... (`{tool} --help` shows the settings)")
+    # +data.batchsize=8: taken, and read by nothing. Lightning's Trainer, the optimizer and callbacks take any key given.
+    added = {o.key_or_group for o in parsed if o.is_add() and not o.key_or_group.startswith(_PASSED_ON)}
+    existing = [k for k in settings if not any(k == a or k.startswith(f"{a}.") for a in added)]
+    for key in sorted(added):
+        near = _did_you_mean(key, existing)
+        if near:
+            print(f"{tool}: warning: +{key} adds a new setting{near}", file=sys.stderr)
     return cfg
+
+
+_PASSED_ON = ("trainer.", "optim.", "callbacks.", "logger.", "hydra.")
 
 
 def _settings(cfg: DictConfig, prefix: str = "") -> dict:
