@@ -129,3 +129,72 @@ def test_reference_study_csv_matches_design_and_compares(tmp_path, capsys):
     assert table_main([str(sweep), "--compare", str(REPO / "docs" / "reference_study.csv")]) == 0
     out = capsys.readouterr().out
     assert "| resnet50 | blocks_2 | -0.60 pt | +0.11 pt | +1.00 pt | -6,144 | -7.03 |" in out
+
+
+def _hand_made_sweep(sweep, jobs):
+    """Job folders with a metrics.json and overrides.yaml each: (strategy, optim.lr, test_acc, ms_per_image)."""
+    for i, (strategy, lr, acc, ms) in enumerate(jobs):
+        job = sweep / f"{i}_resnet18_{strategy}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- model=resnet18\n- strategy={strategy}\n- optim.lr={lr}\n")
+        (job / "metrics.json").write_text(json.dumps(
+            {"status": "completed", "model": "resnet18", "strategy": strategy, "train_acc": acc + 0.05, "val_acc": acc - 0.01,
+             "test_acc": acc, "trainable_params": 1539 * (i + 1), "ms_per_image": ms, "seed": 42, "test_f1_macro": acc - 0.02,
+             "total_params": 11_178_051}))
+    return sweep
+
+
+LR_X_STRATEGY = [("frozen", "0.001", 0.8123, 3.25), ("frozen", "0.01", 0.7741, 3.5),
+                 ("blocks_1", "0.001", 0.9012, 3.75), ("blocks_1", "0.01", 0.8867, 4.0)]
+
+
+def test_compare_with_the_sweeps_own_table_csv_gives_zeros(tmp_path, capsys):
+    """table.csv holds fractions (0.8123), the study's table percentages (92.10%): each read on its own scale."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY)
+    assert table_main([str(sweep)]) == 0
+    reference = tmp_path / "own_table.csv"
+    reference.write_text((sweep / "table.csv").read_text())
+    capsys.readouterr()
+    assert table_main([str(sweep), "--compare", str(reference)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet18 |")]
+    assert lines == [f"| resnet18 | {s} | {lr} | +0.00 pt | +0.00 pt | +0.00 pt | +0 | +0.00 | +0.00 pt | +0 |" for s, lr, _, _ in LR_X_STRATEGY]
+
+
+def test_compare_matches_rows_on_the_swept_settings_too(tmp_path, capsys):
+    """A sweep over optim.lr x strategy: each row meets the reference row of its lr; one without says so."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY)
+    reference = tmp_path / "ref.csv"
+    reference.write_text("Model,Strategy,optim.lr,Test Accuracy\n"
+                         "resnet18,frozen,1e-3,80.00%\nresnet18,frozen,0.01,70.00%\nresnet18,blocks_1,0.001,90.00%\n")
+    assert table_main([str(sweep), "--compare", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "| Model | Strategy | optim.lr | Δ Test Accuracy |" in out
+    assert "| resnet18 | frozen | 0.001 | +1.23 pt |" in out and "| resnet18 | frozen | 0.01 | +7.41 pt |" in out
+    assert "| resnet18 | blocks_1 | 0.001 | +0.12 pt |" in out
+    assert "| resnet18 | blocks_1 | 0.01 | no reference row with Model=resnet18, Strategy=blocks_1, optim.lr=0.01 |" in out
+
+
+@pytest.mark.parametrize("reference,says", [
+    ("nofile.csv", "No such file or directory"),
+    ("no_model.csv", "has no Model column (its header: Name, Strategy, Test Accuracy)"),
+    ("not_a_number.csv", "row 1: Test Accuracy 'n/a' is not a number"),
+], ids=["missing_file", "no_model_column", "not_a_number"])
+def test_a_bad_reference_is_one_clear_error(tmp_path, capsys, reference, says):
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:1])
+    (tmp_path / "no_model.csv").write_text("Name,Strategy,Test Accuracy\nresnet18,frozen,0.8\n")
+    (tmp_path / "not_a_number.csv").write_text("Model,Strategy,Test Accuracy\nresnet18,frozen,n/a\n")
+    assert table_main([str(sweep), "--compare", str(tmp_path / reference)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tlexp-table: error: --compare {tmp_path / reference}") and err.count("\n") == 1
+    assert says in err and ("such as docs/reference_study.csv" in err or "write numbers" in err)
+    assert not (sweep / "table.md").exists()  # read before the sweep: no table, no plots for a typo
+
+
+def test_readme_lists_every_column_of_the_table():
+    from tests.conftest import REPO
+    from tlexp.report.table import COLUMNS
+
+    text = " ".join((REPO / "README.md").read_text().split())
+    sentence = text[text.index("`tlexp-table` writes the study's columns"):text.index("Every override whose value differs")]
+    positions = [sentence.find(header) for header, _, _ in COLUMNS]
+    assert -1 not in positions and positions == sorted(positions), [h for (h, _, _), p in zip(COLUMNS, positions) if p < 0]

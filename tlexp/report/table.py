@@ -38,6 +38,7 @@ COLUMNS = [
 # other key is a setting, ``model.tta`` and ``model.head.dropout`` too.
 NOT_SWEPT = {"model", "strategy", "seed", "data.root", "resume", "ckpt_path"}
 SORT_KEYS = {"none", *(key for _, key, _ in COLUMNS)}
+COMPARED = ("pct", "int", "ms")  # the kinds of column --compare takes differences of
 
 
 def _fmt(value, kind: str) -> str:
@@ -251,31 +252,83 @@ def curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def compare(rows: list[dict], reference: Path) -> str:
-    """Per-row differences (ours − reference) for rows whose Model and Strategy match the reference CSV."""
-    with open(reference, newline="") as f:
-        ref_rows = list(csv.DictReader(f))
-    numeric = [(h, key, kind) for h, key, kind in COLUMNS if kind in ("pct", "int", "ms") and any(h in r for r in ref_rows)]
-    lines = ["| Model | Strategy | " + " | ".join(f"Δ {h}" for h, _, _ in numeric) + " |",
-             "|---|---|" + "---:|" * len(numeric)]
-    by_key = {(r["Model"].lower(), r["Strategy"].lower()): r for r in ref_rows}
+def read_reference(path: Path) -> list[dict]:
+    """The reference table's rows, read before the sweep so that a wrong path costs no plotting."""
+    hint = "give a CSV with Model and Strategy columns, such as docs/reference_study.csv or a sweep's table.csv"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM is not part of "Model"
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TlexpError(f"--compare {path}: {getattr(exc, 'strerror', None) or exc}: {hint}") from exc
+    missing = [name for name in ("Model", "Strategy") if name not in header]
+    if missing:
+        raise TlexpError(f"--compare {path} has no {' or '.join(missing)} column (its header: {', '.join(header) or 'none'}): {hint}")
+    for i, row in enumerate(rows, start=1):
+        for column in (h for h, _, kind in COLUMNS if kind in COMPARED and h in header):
+            try:
+                _number(row[column])
+            except ValueError:
+                raise TlexpError(f"--compare {path}, row {i}: {column} {row[column]!r} is not a number: "
+                                 "write numbers (92.10%, 0.921, 1,234) or leave the cell empty") from None
+    return rows
+
+
+def compare(rows: list[dict], reference: list[dict], name: Path) -> str:
+    """Per-row differences (ours − reference), one line per row of the sweep.
+
+    A row is matched on Model, Strategy and each swept setting the reference has as a column (a
+    sweep's table.csv has them; Seed too when both have several seeds), so the rows of an
+    ``optim.lr`` x strategy sweep each meet their own reference row; a row with no reference row,
+    or with several, says so instead of being compared. Accuracy cells are fractions when none has
+    a % sign and all are <= 1 (tlexp's table.csv), else percentages (the study's table,
+    docs/reference_study.csv): a sweep compared with its own table.csv gives zeros.
+    """
+    header = set(reference[0]) if reference else set()
+    shown = [(key, f"swept:{key}") for key in swept(rows)]
+    seeds = [("Seed", "seed")] if "Seed" in header and len({r.get("seed") for r in rows if r.get("status") == "completed"}) > 1 else []
+    match = [("Model", "model"), ("Strategy", "strategy"), *((h, k) for h, k in shown if h in header), *seeds]
+    numeric = [(h, key, kind) for h, key, kind in COLUMNS if kind in COMPARED and h in header]
+    accuracies = [r[h] for r in reference for h, _, kind in numeric if kind == "pct" and _number(r[h]) is not None]
+    fractions = not any("%" in text for text in accuracies) and all(_number(text) <= 1 for text in accuracies)
+    by_key: dict[tuple, list[dict]] = {}
+    for ref in reference:
+        by_key.setdefault(tuple(_norm(ref.get(h)) for h, _ in match), []).append(ref)
+    lines = ["| " + " | ".join(["Model", "Strategy", *(h for h, _ in shown), *(f"Δ {h}" for h, _, _ in numeric)]) + " |",
+             "|---|---|" + "---|" * len(shown) + "---:|" * len(numeric)]
+    matched = 0
     for row in rows:
-        ref = by_key.get((str(row.get("model")).lower(), str(row.get("strategy")).lower()))
-        if ref is None or row.get("status") != "completed":
-            continue
-        cells = []
-        for header, key, kind in numeric:
-            theirs = _number(ref.get(header))
-            if theirs is None or row.get(key) is None:
-                cells.append("—")
-            elif kind == "pct":
-                cells.append(f"{100 * float(row[key]) - theirs:+.2f} pt")
-            else:
-                cells.append(f"{float(row[key]) - theirs:+,.2f}" if kind == "ms" else f"{int(row[key]) - int(theirs):+,}")
-        lines.append(f"| {row['model']} | {row['strategy']} | " + " | ".join(cells) + " |")
-    if len(lines) == 2:
-        raise TlexpError(f"no row of the sweep matches a (Model, Strategy) of {reference}")
+        found = by_key.get(tuple(_norm(_cell(row, key)) for _, key in match), [])
+        what = ", ".join(f"{h}={_cell(row, key)}" for h, key in match)
+        if row.get("status") != "completed":
+            cells = [f"{row.get('status')}: nothing to compare"]
+        elif len(found) != 1:
+            cells = [f"no reference row with {what}" if not found else f"{len(found)} reference rows with {what}: not compared"]
+        else:
+            matched += 1
+            cells = [_delta(row.get(key), _number(found[0].get(h)), kind, fractions) for h, key, kind in numeric]
+        head = [_fmt(_cell(row, key), "text") for key in ("model", "strategy", *(k for _, k in shown))]
+        lines.append("| " + " | ".join(head + cells + [""] * (len(numeric) - len(cells))) + " |")
+    if not matched:
+        raise TlexpError(f"no completed row of the sweep matches a row of {name} on {', '.join(h for h, _ in match)}")
     return "\n".join(lines) + "\n"
+
+
+def _delta(ours, theirs: float | None, kind: str, fractions: bool) -> str:
+    if ours is None or theirs is None:
+        return "—"
+    if kind == "pct":
+        return f"{100 * (float(ours) - theirs):+.2f} pt" if fractions else f"{100 * float(ours) - theirs:+.2f} pt"
+    return f"{float(ours) - theirs:+,.2f}" if kind == "ms" else f"{int(ours) - int(theirs):+,}"
+
+
+def _norm(value) -> str:
+    """A cell as a match key, case and number spelling aside (``1e-3`` is ``0.001``, Seed ``42`` is ``42.0``)."""
+    text = str(value).strip().lower()
+    try:
+        return repr(float(text))
+    except ValueError:
+        return text
 
 
 def _number(text) -> float | None:
@@ -290,10 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort", default="none", choices=sorted(SORT_KEYS), help="sort rows by this metrics.json key")
     parser.add_argument("--descending", action="store_true", help="with --sort: largest first")
     parser.add_argument("--compare", type=Path, metavar="REF_CSV",
-                        help="a reference table (CSV with the same headers) to print per-row differences against")
+                        help="a reference table to print per-row differences against: the study's "
+                             "(docs/reference_study.csv, percentages) or a sweep's table.csv (fractions)")
     parser.add_argument("--print", action="store_true", dest="show", help="print the table to the terminal")
     args = parser.parse_args(argv)
     try:
+        reference = read_reference(args.compare) if args.compare else None
         rows = load_rows(args.sweep_dir)
         if args.sort != "none":
             known = sorted((r for r in rows if r.get(args.sort) is not None), key=lambda r: r[args.sort], reverse=args.descending)
@@ -314,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table)
             if groups:
                 print(summary)
-        if args.compare:
-            print(compare(rows, args.compare))
+        if reference is not None:
+            print(compare(rows, reference, args.compare))
     except TlexpError as exc:
         print(f"tlexp-table: error: {exc}", file=sys.stderr)
         return 2
