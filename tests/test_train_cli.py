@@ -88,6 +88,7 @@ def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments
     failed = read_metrics(tmp_path / "run")  # recorded for sweeps, never mistaken for a result
     assert failed["status"] == "failed" and fragments[0] in failed["error"] and "test_acc" not in failed
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert fragments[0] in (tmp_path / "run" / "train.log").read_text() and fragments[0] not in result.stdout  # said once on the terminal
 
 
 def test_nonsense_sweep_jobs_is_one_clear_error_before_any_job(tmp_path):

@@ -115,8 +115,7 @@ def recorded(cfg, run_dir: Path, in_sweep: bool):
     try:
         yield
     except RunDirRefused as exc:  # the run dir belongs to another run: its record stays as it is
-        log.error("%s", exc)
-        print(f"tlexp-train: error: {exc}", file=sys.stderr)
+        _say_once(exc)
         if not in_sweep:
             sys.exit(2)
     except SIGTERMException:  # Lightning stopped after the current batch; last.ckpt holds the last whole epoch
@@ -143,10 +142,18 @@ def recorded(cfg, run_dir: Path, in_sweep: bool):
 def _fail_clearly(cfg, run_dir: Path, exc: BaseException, in_sweep: bool) -> None:
     """A failure with a message that says what to do: recorded, one line, exit 2 (a sweep goes on)."""
     record_failure(cfg, run_dir, exc)
-    log.error("%s", exc)
-    print(f"tlexp-train: error: {exc}", file=sys.stderr)
+    _say_once(exc)
     if not in_sweep:
         sys.exit(2)
+
+
+def _say_once(exc: BaseException) -> None:
+    """The error in the run's log file, and once on the terminal: as the `tlexp-train: error:` line, not also as a log line."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (exc,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(f"tlexp-train: error: {exc}", file=sys.stderr)
 
 
 @contextmanager
