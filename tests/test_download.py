@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import make_image_tree
+from tests.conftest import make_image_tree, read_metrics, run_cli
 from tlexp.data import download
 from tlexp.data.download import download_and_extract
 from tlexp.errors import TlexpError
@@ -43,7 +43,7 @@ def test_bad_checksum_leaves_nothing_that_looks_complete(tmp_path, archive):
 
 def test_unreachable_url_says_how_to_work_offline(tmp_path):
     with pytest.raises(TlexpError, match="point data.root at a local copy"):
-        download_and_extract((tmp_path / "missing.tgz").as_uri(), None, tmp_path / "cache" / "flower_photos")
+        download_and_extract((tmp_path / "missing" / "flower_photos.tgz").as_uri(), None, tmp_path / "cache" / "flower_photos")
 
 
 def test_datamodule_downloads_only_when_root_is_missing(tmp_path, archive, compose_cfg):
@@ -75,3 +75,23 @@ def test_jobs_started_side_by_side_download_once(tmp_path, archive, monkeypatch)
     assert len(fetched) == 1
     assert sorted(p.name for p in root.iterdir()) == ["daisy", "roses"] and len(list((root / "roses").iterdir())) == 3
     assert [p.name for p in root.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_root_the_archive_cannot_extract_to_is_refused_before_downloading(tmp_path, archive, monkeypatch):
+    """A typo in data.root (flower_photo): one line naming where a download extracts, nothing fetched or made."""
+    monkeypatch.setattr(download, "_fetch", lambda url, dest: pytest.fail("fetched"))
+    typo = tmp_path / "typo_dir" / "flower_photo"
+    with pytest.raises(TlexpError, match=f"extracts to {tmp_path / 'typo_dir' / 'flower_photos'}: point data.root there"):
+        download_and_extract(archive.as_uri(), file_digest(archive), typo)
+    assert not typo.parent.exists()
+
+
+def test_tlexp_train_refuses_a_mistyped_tf_flowers_root_in_one_line(tmp_path, archive):
+    typo = tmp_path / "typo_dir" / "flower_photo"
+    result = run_cli("model.weights=null", f"data.root={typo}", f"data.url={archive.as_uri()}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"tlexp-train: error: data.root={typo} does not exist; a download extracts to {typo.parent}/flower_photos: point "
+        "data.root there (or, for a folder of class sub-folders you already have, data=imagefolder data.root=<it>)"
+    )
+    assert not typo.parent.exists() and read_metrics(tmp_path / "run")["status"] == "failed"
