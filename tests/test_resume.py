@@ -84,8 +84,10 @@ def test_killed_anywhere_then_resumed_matches_uninterrupted(tmp_path, tree, unin
     _assert_same_run(resumed, uninterrupted("fast", 0))
     if kill_point in ("phase_a", "phase_switch"):
         assert "phase B from epoch 2" in (resumed / "train.log").read_text()
-    if kill_point == "mid_phase_b":  # re-applied on resume (Lightning #21901)
-        assert "phase B from epoch 3" in (resumed / "train.log").read_text()
+    if kill_point == "mid_phase_b":  # re-applied on resume (Lightning #21901), said with the epoch it began at
+        resumed_log = (resumed / "train.log").read_text().split("resuming from ")[-1]
+        assert resumed_log.startswith(f"{resumed / 'checkpoints' / 'last.ckpt'} at epoch 3 (phase B)")
+        assert "phase B from epoch 2" in resumed_log and "phase A" not in resumed_log
 
 
 @pytest.mark.parametrize("kill_point", ["phase_switch", "mid_phase_b"])

@@ -57,7 +57,9 @@ class PhasedFinetuning(BaseFinetuning):
         self.units = units
         self.phase_a_epochs = phase_a_epochs
         self.epochs = phase_a_epochs + (phase_b_epochs if units else 0)
-        self._phase: str | None = None
+        self._phase: str | None = None  # the phase the model is in
+        self._said: str | None = None  # the phase the log last announced
+        self._resumed_from = None  # the checkpoint a fit resumes from, until its epoch is known
 
     @classmethod
     def from_config(cls, cfg, module) -> PhasedFinetuning:
@@ -78,33 +80,53 @@ class PhasedFinetuning(BaseFinetuning):
             super().setup(trainer, pl_module, stage)
 
     def freeze_before_training(self, pl_module) -> None:
-        self._apply("A", pl_module, epoch=0)
+        """Phase A, said at the first epoch (``_enter``): a checkpoint restored after this may put the run in B."""
+        self._said = None
+        self._apply(pl_module, epoch=0)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.state.fn == "fit":  # a resume (testing the best checkpoint restores one too)
+            self._resumed_from = trainer.ckpt_path
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
         """A resumed run validates before its first epoch starts, on what the frozen-prefix cache serves
         for the epoch it resumes at: the model must be in that epoch's phase already."""
-        epoch = upcoming_epoch(trainer)
-        if self.phase_at(epoch) != self._phase:
-            self._apply(self.phase_at(epoch), pl_module, epoch)
+        self._enter(pl_module, upcoming_epoch(trainer))
 
     def finetune_function(self, pl_module, current_epoch: int, optimizer) -> None:
-        phase = self.phase_at(current_epoch)
-        if phase != self._phase:
-            self._apply(phase, pl_module, current_epoch)
+        phase = self._enter(pl_module, current_epoch)
         pl_module.log("finetune/phase_b", float(phase == "B"), on_epoch=True, on_step=False)
         pl_module.log("finetune/trainable_params", float(trainable_params(pl_module)), on_epoch=True, on_step=False)
 
-    def _apply(self, phase: str, pl_module, epoch: int) -> None:
+    def _enter(self, pl_module, epoch: int) -> str:
+        """Put the model in ``epoch``'s phase and say so; a resumed run says first where it resumed."""
+        phase = self.phase_at(epoch)
+        if self._resumed_from:
+            log.info("resuming from %s at epoch %d (phase %s)", self._resumed_from, epoch, phase)
+            self._resumed_from = None
+        if phase != self._phase:
+            self._apply(pl_module, epoch)
+        if phase != self._said:
+            self._say(phase, pl_module)
+        return phase
+
+    def _apply(self, pl_module, epoch: int) -> None:
+        phase, trainable = self.trainable_at(epoch)
         self.freeze(pl_module.backbone, train_bn=False)
-        self.make_trainable(self.trainable_at(epoch)[1])
+        self.make_trainable(trainable)
         pl_module.train(pl_module.training)  # puts frozen BatchNorm back in eval mode
         _rewrap_ddp(pl_module.trainer)
         self._phase = phase
+
+    def _say(self, phase: str, pl_module) -> None:
+        """The phase's own first epoch (not the epoch a resumed run re-applies it at) and what it trains."""
+        first = self.phase_a_epochs if phase == "B" else 0
         names = ", ".join(u.name for u in self.units) if phase == "B" else "none (head only)"
-        message = f"phase {phase} from epoch {epoch}: backbone modules unfrozen: {names}; trainable parameters: {trainable_params(pl_module):,}"
+        message = f"phase {phase} from epoch {first}: backbone modules unfrozen: {names}; trainable parameters: {trainable_params(pl_module):,}"
         log.info("%s", message)
         for writer in tensorboard_writers(pl_module.trainer):
             writer.add_text("finetune/phase", message, global_step=pl_module.trainer.global_step)
+        self._said = phase
 
 
 def _rewrap_ddp(trainer) -> None:
