@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import shlex
 import signal
 
 import pytest
 import torch
 
-from tests.conftest import make_image_tree, read_metrics, train
+from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
 
 # epochs 0-1 are phase A, 2-3 phase B
 SCHEDULE = ("model=resnet18", "strategy=blocks_2", "finetune.phase_a_epochs=2", "finetune.phase_b_epochs=2", "data.augment.rotation=10")
@@ -112,10 +113,29 @@ def test_sigterm_stops_cleanly_and_resumes_exactly(tmp_path, tree, uninterrupted
     stopped = train(broken, tree, *schedule, *_signal_at("SIGTERM", 3), check=False)
     assert stopped.returncode == 128 + signal.SIGTERM
     status = read_metrics(broken)
-    assert status["status"] == "interrupted" and "ckpt_path=" in status["error"] and "test_acc" not in status
+    assert status["status"] == "interrupted" and "resume=true" in status["error"] and "test_acc" not in status
     assert torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2  # at most one epoch lost
     train(broken, tree, *schedule, "resume=true")
     _assert_same_run(broken, uninterrupted("fast", 0))
+
+
+def test_sigterm_records_the_whole_resume_command_and_the_resume_says_where_it_resumed(tmp_path, tree):
+    """The record's command is the summary's (overrides and hydra.run.dir); the resumed log names the checkpoint
+    and epoch, and phase B's line the epoch phase B began at (was: phase A from epoch 0, then phase B from epoch 2)."""
+    run = tmp_path / "run"
+    schedule = ("model=resnet18", "strategy=blocks_1", "finetune.phase_a_epochs=1", "finetune.phase_b_epochs=2")
+    stopped = train(run, tree, *schedule, *_signal_at("SIGTERM", 2), check=False)
+    assert stopped.returncode == 128 + signal.SIGTERM
+    overrides = [*FAST, f"data.root={tree}", *schedule, *_signal_at("SIGTERM", 2)]
+    command = f"tlexp-train {' '.join(shlex.quote(o) for o in overrides)} hydra.run.dir={run} resume=true"
+    assert read_metrics(run)["error"] == f"stopped by SIGTERM; resume with: {command}"
+    pasted = shlex.split(command)[1:]
+    resumed = run_cli(*(a for a in pasted if not a.startswith("+callbacks.sig")))  # without the test's own SIGTERM
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (run / "train.log").read_text().split("resuming from ")
+    assert "phase A from epoch 0" in log[0] and "phase B from epoch 1" in log[0]
+    assert log[1].startswith(f"{run / 'checkpoints' / 'last.ckpt'} at epoch 2 (phase B)\n")
+    assert "phase B from epoch 1: backbone modules unfrozen: layer4.1" in log[1] and "phase A" not in log[1]
 
 
 @pytest.mark.parametrize("when", ["start", "end"])

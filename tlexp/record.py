@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -116,11 +117,20 @@ def record_failure(cfg, run_dir: Path, exc: BaseException) -> None:
     write_record(run_dir, _brief(cfg, run_dir, "failed", f"{type(exc).__name__}: {exc}"))
 
 
-def record_interruption(cfg, run_dir: Path, how: str) -> None:
-    """Say where to resume; a killed job must not look finished (nor like a crash to debug)."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    hint = f"resume with ckpt_path={last}" if last.exists() else "no epoch had finished: start it again"
-    write_record(run_dir, _brief(cfg, run_dir, "interrupted", f"stopped by {how}; {hint} (or resume=true)"))
+def resume_command(run_dir: Path, overrides: list[str]) -> str:
+    """The line that continues the run in ``run_dir`` (Hydra's ``overrides.task``, which leaves out ``hydra.run.dir``)."""
+    again = " ".join(shlex.quote(o) for o in overrides if not o.startswith(("ckpt_path=", "resume=")))
+    return f"tlexp-train {again} hydra.run.dir={shlex.quote(str(run_dir))} resume=true".replace("  ", " ")
+
+
+def record_interruption(cfg, run_dir: Path, how: str, overrides: list[str]) -> None:
+    """Say how to resume, as a command to paste; a killed job must not look finished (nor like a crash to debug)."""
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        hint = f"resume with: {resume_command(run_dir, overrides)}"
+    else:  # as it was started (a ckpt_path= of another run included)
+        again = " ".join(shlex.quote(o) for o in overrides)
+        hint = f"no epoch had finished; start it again with: tlexp-train {again} hydra.run.dir={shlex.quote(str(run_dir))}"
+    write_record(run_dir, _brief(cfg, run_dir, "interrupted", f"stopped by {how}; {hint}"))
     log.warning("stopped by %s; %s", how, hint)
 
 

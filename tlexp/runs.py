@@ -110,8 +110,11 @@ def verify_checkpoint(path: Path) -> None:
 
 
 @contextmanager
-def recorded(cfg, run_dir: Path, in_sweep: bool):
-    """However a job ends, its record says so; in a sweep a failed job is recorded and the sweep goes on."""
+def recorded(cfg, run_dir: Path, in_sweep: bool, overrides: list[str]):
+    """However a job ends, its record says so; in a sweep a failed job is recorded and the sweep goes on.
+
+    ``overrides``: the job's (Hydra's ``overrides.task``), for the command an interrupted run resumes with.
+    """
     try:
         yield
     except RunDirRefused as exc:  # the run dir belongs to another run: its record stays as it is
@@ -119,11 +122,11 @@ def recorded(cfg, run_dir: Path, in_sweep: bool):
         if not in_sweep:
             sys.exit(2)
     except SIGTERMException:  # Lightning stopped after the current batch; last.ckpt holds the last whole epoch
-        record_interruption(cfg, run_dir, "SIGTERM")
+        record_interruption(cfg, run_dir, "SIGTERM", overrides)
         sys.exit(128 + signal.SIGTERM)
     except SystemExit as exc:  # Lightning exits 1 after Ctrl+C (SIGINT)
         if exc.code not in (0, None):
-            record_interruption(cfg, run_dir, "SIGINT")
+            record_interruption(cfg, run_dir, "SIGINT", overrides)
         raise
     except (TlexpError, MissingMandatoryValue) as exc:
         _fail_clearly(cfg, run_dir, exc, in_sweep)

@@ -133,8 +133,10 @@ def job(cfg: DictConfig) -> float | None:
         # A side-by-side job (hydra/launcher=local) runs in a joblib worker, whose default start method
         # is loky's: DataLoader workers cannot start with it. Back to the platform's own.
         multiprocessing.set_start_method(None, force=True)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with runs.recorded(cfg, run_dir, in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN), runs.locked(run_dir):
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    overrides = list(hydra.overrides.task)
+    with runs.recorded(cfg, run_dir, hydra.mode == RunMode.MULTIRUN, overrides), runs.locked(run_dir):
         done, ckpt_path = runs.resume_point(cfg, run_dir)
         runs.claim(cfg, run_dir, done, ckpt_path)  # a run dir holds one run, with one set of settings
         if done is not None:

@@ -6,7 +6,6 @@ phases side by side to check that the strategy unfreezes what the user meant.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from lightning_fabric.utilities.rank_zero import rank_zero_only
@@ -16,6 +15,7 @@ from rich.table import Table
 from torch import nn
 
 from tlexp.model.strategies import Unit
+from tlexp.record import resume_command
 
 MAX_UNIT_ROWS = 8
 
@@ -75,12 +75,11 @@ def run_summary(metrics: dict, overrides: list[str]) -> list:
         rows["skipped images"] = f"{metrics['skipped_images']} (listed in metrics.json)"
     for key, value in rows.items():
         results.add_row(key, value)
-    again = " ".join(shlex.quote(o) for o in overrides if not o.startswith(("ckpt_path=", "resume=")))
     title = f"{metrics['model']} · {metrics['strategy']} · seed {metrics['seed']}"
     commands = {  # plain lines, never wrapped or cut: they are for copy and paste
         "run dir": str(run_dir),
         "dashboard": f"tensorboard --logdir {run_dir / 'tensorboard'}",
-        "resume": f"tlexp-train {again} hydra.run.dir={shlex.quote(str(run_dir))} resume=true".replace("  ", " "),
+        "resume": resume_command(run_dir, overrides),
         "predict": f"tlexp-predict ckpt={run_dir / 'checkpoints' / 'best.ckpt'} images=<file|folder|glob>",
     }
     return [
