@@ -54,6 +54,14 @@ def test_onnx_and_torchscript_match_pytorch(trained_run, tmp_path, monkeypatch):
     np.testing.assert_allclose(script_logits.softmax(dim=1).detach(), expected, atol=1e-4)
 
 
+def test_nonsense_numbers_are_refused_before_exporting(tmp_path):
+    """Was: a negative tolerance exported both files, then failed with '(> tolerance -1)'."""
+    result = run_module("tlexp.export", f"ckpt={tmp_path / 'best.ckpt'}", f"out={tmp_path / 'out'}", "tolerance=-1", "speed.repeats=0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == ["tlexp-export: error: tolerance must be >= 0.0, got -1; speed.repeats must be >= 1, got 0"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_without_images_to_check_is_refused(tmp_path, trained_run):
     _, run = trained_run
     lonely = tmp_path / "best.ckpt"

@@ -53,7 +53,9 @@ def test_ddp_resume_equals_the_uninterrupted_run(tree, tmp_path):
     common = ("model=resnet18", "trainer=ddp_cpu", "strategy=blocks_1", "profile.enabled=false",
               "+callbacks.weights._target_=tests.helpers.SaveWeightsPerRank")
     train(tmp_path / "whole", tree, *common, "finetune.phase_b_epochs=2", f"+callbacks.weights.dirpath={tmp_path / 'w_whole'}")
-    train(tmp_path / "first", tree, *common, "finetune.phase_b_epochs=0", f"+callbacks.weights.dirpath={tmp_path / 'w_first'}")
+    train(  # the same run, stopped after phase A
+        tmp_path / "first", tree, *common, "finetune.phase_b_epochs=2", "trainer.max_epochs=1", f"+callbacks.weights.dirpath={tmp_path / 'w_first'}",
+    )
     train(
         tmp_path / "resumed", tree, *common, "finetune.phase_b_epochs=2", f"+callbacks.weights.dirpath={tmp_path / 'w_resumed'}",
         f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",

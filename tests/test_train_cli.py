@@ -39,7 +39,7 @@ def test_resnet50_blocks_2_run_writes_metrics(tmp_path, tiny_tree):
 
 def test_five_class_resnet50_reports_design_count(tmp_path):
     root = make_image_tree(tmp_path / "five", {c: 4 for c in "abcde"}, size=(24, 24))
-    train(tmp_path / "run", root, "model=resnet50", "strategy=blocks_2", "data.image_size=32", "finetune.phase_b_epochs=0")
+    train(tmp_path / "run", root, "model=resnet50", "strategy=blocks_2", "data.image_size=32", "trainer.max_epochs=1")  # phase A only
     assert read_metrics(tmp_path / "run")["trainable_params"] == 8_935_429
 
 
@@ -70,7 +70,7 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "strategy=blocks_9"], ["resnet18 has only 8 blocks"]),
         (["model=resnet18", "data.split=[0.5,0.2,0.2]"], ["summing to 1"]),
         (["model=resnet18", "optim.lr=0"], ["optim.lr must be > 0"]),
-        (["model=resnet18", "model.weights=IMAGENET9K"], ["not a weights name of resnet18"]),
+        (["model=resnet18", "model.weights=IMAGENET9K"], ["not a weights name of resnet18: choose one of ['DEFAULT', 'IMAGENET1K_V1'], a file"]),
         (["model=resnet18", "data.batch_size=abc"], ["data.batch_size must be an integer, got 'abc'"]),
         (["model=resnet18", "data.batch_size=0", "finetune.phase_b_epochs=-1"], ["data.batch_size must be >= 1", "finetune.phase_b_epochs must be >= 0"]),
         (["model=resnet18", "model.head.dropout=1.5"], ["model.head.dropout must be in [0.0, 1.0)"]),
@@ -89,6 +89,32 @@ def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments
     assert failed["status"] == "failed" and fragments[0] in failed["error"] and "test_acc" not in failed
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert fragments[0] in (tmp_path / "run" / "train.log").read_text() and fragments[0] not in result.stdout  # said once on the terminal
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["finetune.phase_a_epochs=0", "finetune.phase_b_epochs=0"],
+         "no epoch to train: finetune.phase_a_epochs=0 and finetune.phase_b_epochs=0: set either to >= 1 (or trainer.max_epochs)"),
+        (["strategy=frozen", "finetune.phase_a_epochs=0"],
+         "no epoch to train: strategy=frozen trains in phase A only and finetune.phase_a_epochs=0: set finetune.phase_a_epochs >= 1"),
+        (["strategy=blocks_2", "finetune.phase_b_epochs=0"],
+         ("strategy=blocks_2 unfreezes backbone modules in phase B, but finetune.phase_b_epochs=0: "
+          "use strategy=frozen for a head-only run, or give finetune.phase_b_epochs >= 1")),
+        (["trainer=ddp"],
+         "trainer.accelerator=gpu, but this machine has no GPU (torch.cuda.is_available() is false): use trainer=ddp_cpu (DDP over 2 CPU processes)"),
+    ],
+)
+def test_a_run_that_would_train_nothing_or_on_a_missing_gpu_is_refused(tmp_path, tiny_tree, monkeypatch, overrides, message):
+    """Was: 'completed' with no checkpoint, or with blocks_2's modules recorded though phase B never ran;
+    trainer=ddp without a GPU ended in Lightning's traceback (exit 1)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, on a GPU machine too
+    result = train(tmp_path / "run", tiny_tree, "model=resnet18", *overrides, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == f"tlexp-train: error: {message}"
+    failed = read_metrics(tmp_path / "run")
+    assert failed["status"] == "failed" and failed["error"].endswith(message)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_nonsense_sweep_jobs_is_one_clear_error_before_any_job(tmp_path):

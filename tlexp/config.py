@@ -6,6 +6,7 @@ with every other problem in one message, before anything is built or written.
 
 from __future__ import annotations
 
+import torch
 from omegaconf import OmegaConf
 
 from tlexp.data.transforms import POLICIES
@@ -72,7 +73,7 @@ def check_config(cfg) -> None:
         for key, choices in CHOICES.items()
         if OmegaConf.select(cfg, key) not in choices
     ]
-    problems += _mixing_problems(cfg) if not problems else []
+    problems += _mixing_problems(cfg) + _epoch_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
 
@@ -89,3 +90,54 @@ def _mixing_problems(cfg) -> list[str]:
     if OmegaConf.select(cfg, "loss.name") != "ce":
         problems.append(f"{keys} give soft labels, which only loss=ce takes (not loss={OmegaConf.select(cfg, 'loss.name')})")
     return problems
+
+
+def _epoch_problems(cfg) -> list[str]:
+    """Phases that train nothing would still end as completed, with no checkpoint (no epoch at all) or
+    with the strategy's unfrozen modules and parameter count recorded though phase B never ran.
+
+    A set ``trainer.max_epochs`` is the run's length (phase B from ``phase_a_epochs`` to there), so it
+    is left alone: it also stops a run early on purpose, e.g. after phase A to resume later.
+    """
+    if OmegaConf.select(cfg, "trainer.max_epochs") is not None:
+        return []
+    strategy, a, b = cfg.strategy, cfg.finetune.phase_a_epochs, cfg.finetune.phase_b_epochs
+    if strategy == "frozen" and a == 0:
+        return ["no epoch to train: strategy=frozen trains in phase A only and finetune.phase_a_epochs=0: set finetune.phase_a_epochs >= 1"]
+    if a + b == 0:
+        return ["no epoch to train: finetune.phase_a_epochs=0 and finetune.phase_b_epochs=0: set either to >= 1 (or trainer.max_epochs)"]
+    if b == 0 and strategy != "frozen":
+        return [(f"strategy={strategy} unfreezes backbone modules in phase B, but finetune.phase_b_epochs=0: "
+                 "use strategy=frozen for a head-only run, or give finetune.phase_b_epochs >= 1")]
+    return []
+
+
+def check_devices(cfg) -> None:
+    """A GPU asked for where there is none: one line saying what to run instead, not Lightning's traceback.
+
+    Checked when a job starts, not by ``--cfg``: a config for GPU nodes is composed on machines without one.
+    """
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator"))
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Lightning's "gpu" is Apple's GPU too
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not mps:
+        ddp = OmegaConf.select(cfg, "trainer.strategy") == "ddp"
+        instead = "trainer=ddp_cpu (DDP over 2 CPU processes)" if ddp else "trainer.accelerator=cpu (or auto)"
+        raise TlexpError(f"trainer.accelerator={accelerator}, but this machine has no GPU (torch.cuda.is_available() is false): use {instead}")
+
+
+EXPORT_NUMERIC = {
+    "tolerance": (NUMBER, 0.0, None, False),
+    "verify_images": (INT, 1, None, False),
+    "speed.warmup": (INT, 0, None, False),
+    "speed.repeats": (INT, 1, None, False),
+}
+
+
+def check_export_config(cfg) -> None:
+    """``tlexp-export``'s numbers, before minutes of exporting end in a check no value could pass."""
+    problems = [
+        p for key, rule in EXPORT_NUMERIC.items()
+        if (p := _numeric_problem(key, OmegaConf.select(cfg, key), *rule)) is not None
+    ]
+    if problems:
+        raise TlexpError("; ".join(problems))

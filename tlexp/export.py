@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tlexp.config import check_export_config
 from tlexp.data.files import SUBSETS
 from tlexp.data.images import bad_image_policy, load_rgb
 from tlexp.data.transforms import eval_transform
@@ -49,6 +50,7 @@ def _images_of_run(ckpt: Path) -> list[Path]:
 
 
 def export(cfg: DictConfig) -> dict:
+    check_export_config(cfg)
     ckpt = Path(cfg.ckpt)
     # NCHW: torch.export cannot take a dynamic batch in channels_last
     module, pre, _ = load_model(str(ckpt), channels_last=False)

@@ -22,7 +22,7 @@ from tlexp import record, runs
 from tlexp.callbacks.history import EpochHistory
 from tlexp.callbacks.lr_finder import find_lr
 from tlexp.callbacks.run_identity import RunIdentity
-from tlexp.config import check_config
+from tlexp.config import check_config, check_devices
 from tlexp.data.datamodule import ImageDataModule
 from tlexp.features.cache import FrozenPrefixCache
 from tlexp.model.finetune import PhasedFinetuning, phase_b_params
@@ -46,6 +46,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     started, started_at = time.perf_counter(), time.time()
     check_config(cfg)
+    check_devices(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.perf.tune_malloc and not tune_glibc_malloc():
         log.info("perf.tune_malloc: not a glibc system, allocator left as it is")

@@ -80,7 +80,7 @@ def _torchvision_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessin
             _load_local_file(model, weights)
         return model, prep.Preprocessing()
     enum = torchvision.models.get_model_weights(name)
-    members = ["DEFAULT", *enum.__members__]
+    members = list(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is also an alias among the members
     if weights not in members:
         raise TlexpError(f"'{weights}' is not a weights name of {name}: choose one of {members}, a file path or null")
     resolved = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
