@@ -77,13 +77,23 @@ def test_jobs_started_side_by_side_download_once(tmp_path, archive, monkeypatch)
     assert [p.name for p in root.parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_root_the_archive_cannot_extract_to_is_refused_before_downloading(tmp_path, archive, monkeypatch):
-    """A typo in data.root (flower_photo): one line naming where a download extracts, nothing fetched or made."""
+def test_a_root_the_archive_cannot_extract_to_is_refused_before_downloading(tmp_path, archive, monkeypatch, compose_cfg):
+    """A typo in data.root (flower_photo): one line naming where a download extracts, nothing fetched or made;
+    a mirror's archive of another name (data.url) still extracts to flower_photos."""
+    from tlexp.data.datamodule import ImageDataModule
+
     monkeypatch.setattr(download, "_fetch", lambda url, dest: pytest.fail("fetched"))
     typo = tmp_path / "typo_dir" / "flower_photo"
+    cfg = compose_cfg(f"data.root={typo}", f"data.url={archive.as_uri()}")
     with pytest.raises(TlexpError, match=f"extracts to {tmp_path / 'typo_dir' / 'flower_photos'}: point data.root there"):
-        download_and_extract(archive.as_uri(), file_digest(archive), typo)
+        ImageDataModule(cfg.data, seed=0).prepare_data()
     assert not typo.parent.exists()
+    monkeypatch.undo()
+    mirror = archive.rename(archive.with_name("tf_flowers_mirror.tgz"))
+    root = tmp_path / "cache" / "flower_photos"
+    mirrored = compose_cfg(f"data.root={root}", f"data.url={mirror.as_uri()}", f"data.sha256={file_digest(mirror)}")
+    ImageDataModule(mirrored.data, seed=0).prepare_data()
+    assert sorted(p.name for p in root.iterdir()) == ["daisy", "roses"]
 
 
 def test_tlexp_train_refuses_a_mistyped_tf_flowers_root_in_one_line(tmp_path, archive):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 
 import pytest
 
@@ -44,6 +45,11 @@ def test_sweep_of_two_models_and_two_strategies_makes_the_table(tmp_path, tiny_t
     assert metrics["speed_setup"]["batch_sizes"] == [1, 4] and metrics["images_per_s"] > 0
     phases = [e["phase_b"] for e in json.loads(next(sweep.glob("1_*/metrics.json")).read_text())["history"]]
     assert phases == [False, True]  # the whole history, not the best checkpoint's copy of it
+    job = next(sweep.glob("1_*"))  # its summary's resume line runs that job alone, in its own folder
+    line = next(li.split(None, 1)[1] for li in (job / "summary.txt").read_text().splitlines() if li.startswith("resume "))
+    assert "hydra.mode=RUN" in line and f"hydra.run.dir={job}" in line
+    again = run_cli(*shlex.split(line)[1:])
+    assert again.returncode == 0 and "already completed" in (job / "train.log").read_text(), again.stderr[-2000:]
 
 
 def test_swept_settings_and_the_best_epoch_are_columns(tmp_path, tiny_tree):

@@ -285,6 +285,8 @@ def test_cfg_job_refuses_what_the_run_would_refuse(overrides, error):
         ("tlexp.train", ["data.batchsize=8"], "tlexp-train: error: data.batchsize is not a setting (did you mean data.batch_size?)"),
         ("tlexp.train", ["lr=0.1"], "tlexp-train: error: lr is not a setting (did you mean optim.lr?)"),
         ("tlexp.train", ["model=timm"], "tlexp-train: error: model.name has no value: give model.name=..."),
+        ("tlexp.train", ["callbacks=[early_stopping,emma]"], "tlexp-train: error: callbacks=emma: no such option (did you mean ema?)"),
+        ("tlexp.train", ["lr=0.1", "data.batchsize=3"], "tlexp-train: error: lr is not a setting (did you mean optim.lr?)"),
         ("tlexp.predict", ["ckpt=best.ckpt"], "tlexp-predict: error: images has no value: give images=..."),
         ("tlexp.export", [], "tlexp-export: error: ckpt has no value: give ckpt=..."),
     ],
@@ -295,6 +297,12 @@ def test_what_hydra_would_refuse_in_twenty_lines_is_one(module, args, error):
     result = run_module(module, *args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(error), result.stderr
+
+
+def test_the_preflight_passes_what_hydra_takes():
+    """A list of a group's options, and --cfg job of a config with a required value still to give (shown as ???)."""
+    result = run_module("tlexp.train", "--cfg", "job", "model=timm", "callbacks=[early_stopping,ema]")
+    assert result.returncode == 0 and "name: ???" in result.stdout and "ema:" in result.stdout, result.stderr[-2000:]
 
 
 def test_a_new_setting_named_like_an_existing_one_is_warned_about():

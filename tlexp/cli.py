@@ -44,7 +44,8 @@ _NOT_A_RUN = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completio
 def composed_or_refused(config_name: str, tool: str, args: list[str]) -> DictConfig | None:
     """The config ``args`` give (a sweep's first values), or one line and exit 2 where Hydra would print twenty
     lines or a traceback: an option a config group does not have (every value of a sweep), a setting that
-    does not exist, a required value not given. None where Hydra answers itself (help, its other errors)."""
+    does not exist, a required value not given (but to ``--cfg``, which shows it as ???). None where Hydra
+    answers itself (help, another config, its other errors)."""
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -52,7 +53,8 @@ def composed_or_refused(config_name: str, tool: str, args: list[str]) -> DictCon
 
     from tlexp.hydra_config import initialized
 
-    if _NOT_A_RUN & set(args) or any("hydra.searchpath" in a for a in args):  # options from elsewhere: Hydra knows them
+    flags = {a.split("=", 1)[0] for a in args if a.startswith("-")}  # --config-dir=x is --config-dir x
+    if _NOT_A_RUN & flags or any("hydra.searchpath" in a for a in args):  # options from elsewhere: Hydra knows them
         return None
     overrides = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in _VALUED)]
     try:
@@ -63,28 +65,28 @@ def composed_or_refused(config_name: str, tool: str, args: list[str]) -> DictCon
         first = []
         for text, override in zip(overrides, parsed):
             try:
-                values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+                values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
             except HydraException:  # an interval or a glob: a search space the sweeper reads
                 continue
             options = [] if override.is_delete() else GlobalHydra.instance().config_loader().get_group_options(override.key_or_group)
-            for value in values if options else []:
-                if value not in options:
+            chosen = [str(v) for value in values for v in (value if isinstance(value, list) else [value])]  # callbacks=[a,b]
+            for value in chosen if options else []:
+                if value not in options and not value.startswith("["):
                     _refuse(tool, f"{override.key_or_group}={value}: no such option{_did_you_mean(value, options)}; "
                                   f"the options are {', '.join(options)}")
             first.append(f"{override.get_key_element()}={values[0]}" if override.is_sweep_override() else text)
         try:
             cfg = compose(config_name, overrides=first)
         except HydraException as exc:
-            unknown = re.match(r"Could not override '([^']+)'", str(exc))
-            if unknown is None:
+            key = _unknown_key(exc)
+            if key is None:
                 return None
-            key = unknown[1]
-            known = list(_settings(compose(config_name, overrides=[o for o in first if o.split("=", 1)[0] != key])))
-            _refuse(tool, f"{key} is not a setting{_did_you_mean(key, known)}: `{tool} --cfg job` lists them "
-                          f"(+{key}=... adds a new one, for a library that reads it)")
+            shown = "--cfg hydra" if key.startswith("hydra.") else "--cfg job"
+            _refuse(tool, f"{key} is not a setting{_did_you_mean(key, _known_settings(config_name, first))}: "
+                          f"`{tool} {shown}` lists them (+{key}=... adds a new one, for a library that reads it)")
     settings = _settings(cfg)
     missing = [path for path, node in settings.items() if node._is_missing()]
-    if missing:
+    if missing and not {"--cfg", "-c"} & flags:
         _refuse(tool, f"{missing[0]} has no value: give {missing[0]}=... (`{tool} --help` shows the settings)")
     # +data.batchsize=8: taken, and read by nothing. Lightning's Trainer, the optimizer and callbacks take any key given.
     added = {o.key_or_group for o in parsed if o.is_add() and not o.key_or_group.startswith(_PASSED_ON)}
@@ -94,6 +96,27 @@ def composed_or_refused(config_name: str, tool: str, args: list[str]) -> DictCon
         if near:
             print(f"{tool}: warning: +{key} adds a new setting{near}", file=sys.stderr)
     return cfg
+
+
+def _unknown_key(exc: Exception) -> str | None:
+    """The key of Hydra's "Could not override 'x'. To append to your config use +x=...", else None."""
+    found = re.match(r"Could not override '([^']+)'\.\s+To append to your config", str(exc))
+    return found[1] if found else None
+
+
+def _known_settings(config_name: str, overrides: list[str]) -> list[str]:
+    """The settings there are, for a suggestion: composed without each override Hydra cannot apply."""
+    from hydra import compose
+    from hydra.errors import HydraException
+
+    while True:
+        try:
+            return list(_settings(compose(config_name, overrides=overrides)))
+        except HydraException as exc:
+            key = _unknown_key(exc)
+            if key is None:
+                return []
+            overrides = [o for o in overrides if o.split("=", 1)[0] != key]
 
 
 _PASSED_ON = ("trainer.", "optim.", "callbacks.", "logger.", "hydra.")

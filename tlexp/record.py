@@ -119,8 +119,8 @@ def record_failure(cfg, run_dir: Path, exc: BaseException) -> None:
 
 def resume_command(run_dir: Path, overrides: list[str]) -> str:
     """The line that continues the run in ``run_dir`` (Hydra's ``overrides.task``, which leaves out ``hydra.run.dir``)."""
-    again = " ".join(shlex.quote(o) for o in overrides if not o.startswith(("ckpt_path=", "resume=")))
-    return f"tlexp-train {again} hydra.run.dir={shlex.quote(str(run_dir))} resume=true".replace("  ", " ")
+    again = [o for o in overrides if not o.startswith(("ckpt_path=", "resume="))]
+    return shlex.join(["tlexp-train", *again, f"hydra.run.dir={run_dir}", "resume=true"])
 
 
 def record_interruption(cfg, run_dir: Path, how: str, overrides: list[str]) -> None:
@@ -128,8 +128,7 @@ def record_interruption(cfg, run_dir: Path, how: str, overrides: list[str]) -> N
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         hint = f"resume with: {resume_command(run_dir, overrides)}"
     else:  # as it was started (a ckpt_path= of another run included)
-        again = " ".join(shlex.quote(o) for o in overrides)
-        hint = f"no epoch had finished; start it again with: tlexp-train {again} hydra.run.dir={shlex.quote(str(run_dir))}"
+        hint = f"no epoch had finished; start it again with: {shlex.join(['tlexp-train', *overrides, f'hydra.run.dir={run_dir}'])}"
     write_record(run_dir, _brief(cfg, run_dir, "interrupted", f"stopped by {how}; {hint}"))
     log.warning("stopped by %s; %s", how, hint)
 

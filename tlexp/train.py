@@ -114,8 +114,14 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     log_hparams(trainer, cfg, results)
     log.info("done: test acc %.4f, macro-F1 %.4f, trainable %s params; run dir %s",
              results["test_acc"], results["test_f1_macro"], f"{results['trainable_params']:,}", run_dir)
-    show(*run_summary(results, list(HydraConfig.get().overrides.task)), save_as=run_dir / "summary.txt")
+    show(*run_summary(results, _alone(HydraConfig.get())), save_as=run_dir / "summary.txt")
     return results
+
+
+def _alone(hydra) -> list[str]:
+    """This job's overrides as a command that runs it alone: a sweep's job (an experiment or a search sets
+    hydra.mode=MULTIRUN) would otherwise start the sweep again, in a new folder, instead of resuming."""
+    return [*hydra.overrides.task, *(["hydra.mode=RUN"] if hydra.mode == RunMode.MULTIRUN else [])]
 
 
 def _jobs_running() -> int:
@@ -136,8 +142,7 @@ def job(cfg: DictConfig) -> float | None:
         multiprocessing.set_start_method(None, force=True)
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
-    overrides = list(hydra.overrides.task)
-    with runs.recorded(cfg, run_dir, hydra.mode == RunMode.MULTIRUN, overrides), runs.locked(run_dir):
+    with runs.recorded(cfg, run_dir, hydra.mode == RunMode.MULTIRUN, _alone(hydra)), runs.locked(run_dir):
         done, ckpt_path = runs.resume_point(cfg, run_dir)
         runs.claim(cfg, run_dir, done, ckpt_path)  # a run dir holds one run, with one set of settings
         if done is not None:

@@ -29,6 +29,7 @@ from tlexp.features.cache import FrozenPrefixCache
 from tlexp.model.finetune import upcoming_epoch
 
 log = logging.getLogger(__name__)
+TF_FLOWERS_FOLDER = "flower_photos"  # the archive's top folder, whichever mirror data.url names
 
 
 class ImageListDataset(Dataset):
@@ -117,6 +118,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.cfg.kind == "tf_flowers" and not self.root.exists():
+            if self.root.name != TF_FLOWERS_FOLDER:  # a typo: the download would end, hundreds of MB later, in "no top folder"
+                raise TlexpError(
+                    f"data.root={self.root} does not exist; a download extracts to {self.root.parent / TF_FLOWERS_FOLDER}: point "
+                    "data.root there (or, for a folder of class sub-folders you already have, data=imagefolder data.root=<it>)"
+                )
             download_and_extract(self.cfg.url, self.cfg.sha256, self.root)
 
     def setup(self, stage: str | None = None) -> None:

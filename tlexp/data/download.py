@@ -37,7 +37,6 @@ def download_and_extract(url: str, sha256: str | None, root: Path) -> None:
     run never leaves a folder that looks complete. Jobs of a sweep started side by side
     (perf.sweep_jobs) download it once: one fetches, the others wait and find ``root``.
     """
-    _check_root_name(url, root)
     lock = root.parent / f".{root.name}.download.lock"
     with ExitStack() as alone:
         try:
@@ -49,20 +48,6 @@ def download_and_extract(url: str, sha256: str | None, root: Path) -> None:
             ) from exc
         if not root.exists():  # else another job made it while this one waited
             _download_and_extract(url, sha256, root)
-
-
-def _check_root_name(url: str, root: Path) -> None:
-    """Refuse a ``root`` the archive cannot extract to (a typo in data.root), before anything is fetched or made.
-
-    The archive's top folder is named like the archive (``flower_photos.tgz`` -> ``flower_photos``):
-    a download for another name would end, after hundreds of MB, in "no top-level folder".
-    """
-    folder = Path(url).name.removesuffix(".tgz").removesuffix(".tar.gz")
-    if root.name != folder:
-        raise TlexpError(
-            f"data.root={root} does not exist; a download extracts to {root.parent / folder}: point data.root there "
-            "(or, for a folder of class sub-folders you already have, data=imagefolder data.root=<it>)"
-        )
 
 
 def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
