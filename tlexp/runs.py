@@ -161,8 +161,15 @@ def _say_once(exc: BaseException) -> None:
 
 @contextmanager
 def sigterm_stops():
-    """Outside Lightning's loops (the speed timing after the test), SIGTERM stops the run as inside them."""
+    """Outside Lightning's loops (the speed timing after the test), SIGTERM stops the run as inside them.
+
+    The handler's exception is lost where Python ignores exceptions (a weakref callback, ``__del__``:
+    "Exception ignored in ..."), so a SIGTERM received is also raised again when the block ends.
+    """
+    received = []
+
     def stop(signum, frame):
+        received.append(signum)
         raise SIGTERMException
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -170,6 +177,8 @@ def sigterm_stops():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if received:
+        raise SIGTERMException
 
 
 def check_resume_checkpoint(path: str, model_cfg: dict, class_names: list[str]) -> None:
