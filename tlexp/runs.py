@@ -326,7 +326,7 @@ def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:
     existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     previous = read_record(run_dir) if (run_dir / RECORD).exists() else {}
     if existing or previous.get("status") == "completed":
-        restore_hydra_files(run_dir, _recorded_identity(run_dir) or _checkpoint_identity(existing[-1]))
+        restore_hydra_files(run_dir, previous.get("run") or _checkpoint_identity(existing[-1]))  # the record, read once
         raise RunDirRefused(
             f"{run_dir} already holds a run: resume=true continues it; a new run needs its own folder (hydra.run.dir=...)"
         )
