@@ -137,16 +137,20 @@ def test_reference_study_csv_matches_design_and_compares(tmp_path, capsys):
     assert "| resnet50 | blocks_2 | -0.60 pt | +0.11 pt | +1.00 pt | -6,144 | -7.03 |" in out
 
 
-def _hand_made_sweep(sweep, jobs):
-    """Job folders with a metrics.json and overrides.yaml each: (strategy, optim.lr, test_acc, ms_per_image)."""
+def _hand_made_sweep(sweep, jobs, lr_overridden=True):
+    """Job folders with a metrics.json and overrides.yaml each: (strategy, optim.lr, test_acc, ms_per_image).
+
+    The record holds the job's config, as a run's does; ``lr_overridden=False``: optim.lr is in it alone, not an override.
+    """
     for i, (strategy, lr, acc, ms) in enumerate(jobs):
         job = sweep / f"{i}_resnet18_{strategy}"
         (job / ".hydra").mkdir(parents=True)
-        (job / ".hydra" / "overrides.yaml").write_text(f"- model=resnet18\n- strategy={strategy}\n- optim.lr={lr}\n")
+        lr_override = f"- optim.lr={lr}\n" if lr_overridden else ""
+        (job / ".hydra" / "overrides.yaml").write_text(f"- model=resnet18\n- strategy={strategy}\n{lr_override}")
         (job / "metrics.json").write_text(json.dumps(
             {"status": "completed", "model": "resnet18", "strategy": strategy, "train_acc": acc + 0.05, "val_acc": acc - 0.01,
              "test_acc": acc, "trainable_params": 1539 * (i + 1), "ms_per_image": ms, "seed": 42, "test_f1_macro": acc - 0.02,
-             "total_params": 11_178_051}))
+             "total_params": 11_178_051, "run": {"hydra_files": {"config.yaml": f"optim:\n  lr: {lr}\nseed: 42\n"}}}))
     return sweep
 
 
@@ -178,6 +182,26 @@ def test_compare_matches_rows_on_the_swept_settings_too(tmp_path, capsys):
     assert "| resnet18 | frozen | 0.001 | +1.23 pt |" in out and "| resnet18 | frozen | 0.01 | +7.41 pt |" in out
     assert "| resnet18 | blocks_1 | 0.001 | +0.12 pt |" in out
     assert "| resnet18 | blocks_1 | 0.01 | no reference row with Model=resnet18, Strategy=blocks_1, optim.lr=0.01 |" in out
+
+
+def test_compare_matches_a_setting_the_reference_sweeps_and_ours_fixes(tmp_path, capsys):
+    """The reference tried two learning rates per strategy, this sweep ran at one (its config's): each row meets
+    the reference row of that rate, named in its own column, never the first row of the strategy."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", [("frozen", "0.01", 0.7741, 3.5), ("blocks_1", "0.01", 0.8867, 4.0)], lr_overridden=False)
+    reference = tmp_path / "ref.csv"
+    reference.write_text("Model,Strategy,optim.lr,Test Accuracy\n"
+                         "resnet18,frozen,1e-3,80.00%\nresnet18,frozen,1e-2,70.00%\n"
+                         "resnet18,blocks_1,0.001,90.00%\nresnet18,blocks_1,0.01,85.00%\n")
+    assert table_main([str(sweep), "--compare", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "| Model | Strategy | optim.lr (reference) | Δ Test Accuracy |" in out
+    assert "| resnet18 | frozen | 1e-2 | +7.41 pt |" in out and "| resnet18 | blocks_1 | 0.01 | +3.67 pt |" in out
+
+    reference.write_text("Model,Strategy,optim.lr,Test Accuracy\nresnet18,frozen,1e-3,80.00%\nresnet18,blocks_1,0.01,85.00%\n")
+    assert table_main([str(sweep), "--compare", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet18 | frozen | — | no reference row with Model=resnet18, Strategy=frozen, optim.lr=0.01 |" in out
+    assert "| resnet18 | blocks_1 | 0.01 | +3.67 pt |" in out
 
 
 @pytest.mark.parametrize("reference,says", [

@@ -39,6 +39,8 @@ COLUMNS = [
 NOT_SWEPT = {"model", "strategy", "seed", "data.root", "resume", "ckpt_path"}
 SORT_KEYS = {"none", *(key for _, key, _ in COLUMNS)}
 COMPARED = ("pct", "int", "ms")  # the kinds of column --compare takes differences of
+# A reference's columns that are not settings: the table's own, and table.csv's last three.
+NOT_SETTINGS = {*(header for header, _, _ in COLUMNS), "Status", "Error", "Job"}
 
 
 def _fmt(value, kind: str) -> str:
@@ -277,29 +279,33 @@ def read_reference(path: Path) -> list[dict]:
 def compare(rows: list[dict], reference: list[dict], name: Path) -> str:
     """Per-row differences (ours − reference), one line per row of the sweep.
 
-    A row is matched on Model, Strategy and each swept setting the reference has as a column (a
-    sweep's table.csv has them; Seed too when both have several seeds), so the rows of an
-    ``optim.lr`` x strategy sweep each meet their own reference row; a row with no reference row,
-    or with several, says so instead of being compared. Accuracy cells are fractions when none has
-    a % sign and all are <= 1 (tlexp's table.csv), else percentages (the study's table,
+    A row is matched on Model, Strategy and each setting the reference has as a column (``optim.lr``:
+    a sweep's table.csv has its swept settings; Seed too when both have several seeds): a setting
+    this sweep sweeps is shown with its value; one it does not sweep (a reference over several
+    learning rates, ours at one) is matched on the value each job ran with (its override, else its
+    config) and shown as the reference's cell it matched. A row with no reference row, or with
+    several, says so instead of being compared. Accuracy cells are fractions when none has a % sign
+    and all are <= 1 (tlexp's table.csv), else percentages (the study's table,
     docs/reference_study.csv): a sweep compared with its own table.csv gives zeros.
     """
-    header = set(reference[0]) if reference else set()
-    shown = [(key, f"swept:{key}") for key in swept(rows)]
-    seeds = [("Seed", "seed")] if "Seed" in header and len({r.get("seed") for r in rows if r.get("status") == "completed"}) > 1 else []
-    match = [("Model", "model"), ("Strategy", "strategy"), *((h, k) for h, k in shown if h in header), *seeds]
+    header = list(reference[0]) if reference else []
+    done = [r for r in rows if r.get("status") == "completed"]
+    sweeps = swept(rows)
+    fixed = [h for h in header if h not in NOT_SETTINGS and h not in sweeps and any(_setting(r, h) is not None for r in done)]
+    seeds = ["Seed"] if "Seed" in header and len({r.get("seed") for r in done}) > 1 else []
+    settings = [*(key for key in sweeps if key in header), *fixed]
     numeric = [(h, key, kind) for h, key, kind in COLUMNS if kind in COMPARED and h in header]
     accuracies = [r[h] for r in reference for h, _, kind in numeric if kind == "pct" and _number(r[h]) is not None]
     fractions = not any("%" in text for text in accuracies) and all(_number(text) <= 1 for text in accuracies)
-    by_key: dict[tuple, list[dict]] = {}
-    for ref in reference:
-        by_key.setdefault(tuple(_norm(ref.get(h)) for h, _ in match), []).append(ref)
-    lines = ["| " + " | ".join(["Model", "Strategy", *(h for h, _ in shown), *(f"Δ {h}" for h, _, _ in numeric)]) + " |",
-             "|---|---|" + "---|" * len(shown) + "---:|" * len(numeric)]
+    lines = ["| " + " | ".join(["Model", "Strategy", *sweeps, *(f"{h} (reference)" for h in fixed), *(f"Δ {h}" for h, _, _ in numeric)]) + " |",
+             "|---|---|" + "---|" * (len(sweeps) + len(fixed)) + "---:|" * len(numeric)]
     matched = 0
     for row in rows:
-        found = by_key.get(tuple(_norm(_cell(row, key)) for _, key in match), [])
-        what = ", ".join(f"{h}={_cell(row, key)}" for h, key in match)
+        ours = {"Model": {_norm(row.get("model"))}, "Strategy": {_norm(row.get("strategy"))},
+                **{h: _spellings(row, h) for h in settings}, **{h: {_norm(row.get("seed"))} for h in seeds}}
+        found = [ref for ref in reference if all(_norm(ref[h]) in spellings for h, spellings in ours.items())]
+        what = ", ".join([f"Model={row.get('model')}", f"Strategy={row.get('strategy')}",
+                          *(f"{h}={_setting(row, h)}" for h in settings), *(f"Seed={row.get('seed')}" for _ in seeds)])
         if row.get("status") != "completed":
             cells = [f"{row.get('status')}: nothing to compare"]
         elif len(found) != 1:
@@ -307,11 +313,25 @@ def compare(rows: list[dict], reference: list[dict], name: Path) -> str:
         else:
             matched += 1
             cells = [_delta(row.get(key), _number(found[0].get(h)), kind, fractions) for h, key, kind in numeric]
-        head = [_fmt(_cell(row, key), "text") for key in ("model", "strategy", *(k for _, k in shown))]
+        head = [_fmt(_cell(row, key), "text") for key in ("model", "strategy", *(f"swept:{k}" for k in sweeps))]
+        head += [found[0][h] if len(found) == 1 else "—" for h in fixed]
         lines.append("| " + " | ".join(head + cells + [""] * (len(numeric) - len(cells))) + " |")
     if not matched:
-        raise TlexpError(f"no completed row of the sweep matches a row of {name} on {', '.join(h for h, _ in match)}")
+        raise TlexpError(f"no completed row of the sweep matches a row of {name} on {', '.join(['Model', 'Strategy', *settings, *seeds])}")
     return "\n".join(lines) + "\n"
+
+
+def _setting(row: dict, key: str):
+    """The value a job ran ``key`` with: its override, else its config's (as the record holds it); None if it has no such key."""
+    if key in row.get("overrides", {}):
+        return row["overrides"][key]
+    text = row.get("run", {}).get("hydra_files", {}).get("config.yaml")
+    return None if text is None else OmegaConf.select(OmegaConf.create(text), key, throw_on_resolution_failure=False)
+
+
+def _spellings(row: dict, key: str) -> set[str]:
+    """A reference cell that matches this job's ``key``: its value, or ``default`` (table.csv's word) where it did not override it."""
+    return {_norm(_setting(row, key)), *(["default"] if key not in row.get("overrides", {}) else [])}
 
 
 def _delta(ours, theirs: float | None, kind: str, fractions: bool) -> str:
