@@ -228,3 +228,27 @@ def test_readme_lists_every_column_of_the_table():
     sentence = text[text.index("`tlexp-table` writes the study's columns"):text.index("Every override whose value differs")]
     positions = [sentence.find(header) for header, _, _ in COLUMNS]
     assert -1 not in positions and positions == sorted(positions), [h for (h, _, _), p in zip(COLUMNS, positions) if p < 0]
+
+
+@pytest.mark.parametrize("epochs", [1, 3], ids=["one_epoch", "three_epochs"])
+def test_curves_have_whole_epoch_ticks_and_draw_nan_losses(tmp_path, monkeypatch, epochs):
+    """curves.png: the x axis counts epochs (0, 1, 2; was 0.5, 1.5 ticks); a diverged epoch's NaN loss is a gap, not a crash."""
+    from matplotlib.figure import Figure
+
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    for job in sweep.iterdir():
+        record = json.loads((job / "metrics.json").read_text())
+        history = [{"epoch": e, "train_acc": 0.5, "val_acc": 0.6, "train_loss": 0.7, "val_loss": float("nan") if e else 0.6,
+                    "phase_b": e > 0} for e in range(epochs)]
+        record |= {"history": history, "best_epoch": 0, "phase_a_epochs": 1, "phase_b_epochs": epochs - 1}
+        (job / "metrics.json").write_text(json.dumps(record))
+    ticks, save = {}, Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        ticks[path.name] = [[t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]] for ax in fig.axes]
+        save(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    assert table_main([str(sweep)]) == 0
+    assert ticks["curves.png"] == [list(range(epochs))] * 2
+    assert (sweep / "curves.png").stat().st_size > 10_000

@@ -242,6 +242,7 @@ def curves(rows: list[dict], path: Path) -> None:
     for ax, ylabel in ((acc, "accuracy (%)"), (loss, "loss")):
         for x in sorted(switches):
             ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole: no 0.5 ticks on a short run
         ax.set_xlabel("epoch (dotted: phase B starts)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
