@@ -1,4 +1,4 @@
-"""Callbacks that tests inject through the config (``+callbacks.<name>._target_=tests.helpers...``)."""
+"""Callbacks that tests inject through the config (``+callbacks.<name>._target_=tests.helpers...``, Hydra's under ``+hydra.callbacks``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from pytorch_lightning.callbacks import Callback
 
 
@@ -80,3 +81,18 @@ class SaveWeightsPerRank(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "end")
+
+
+class KillAtJobEnd(HydraCallback):
+    """A Hydra callback: as the job returns, write the matplotlib figures and TensorBoard writer threads still open
+    (``figures writers``) to ``path``, then SIGKILL."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        import matplotlib.pyplot as plt
+
+        writers = sum(type(t).__name__ == "_AsyncWriterThread" for t in threading.enumerate())  # one per open event file
+        self.path.write_text(f"{len(plt.get_fignums())} {writers}")
+        _kill()

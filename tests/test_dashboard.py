@@ -113,3 +113,16 @@ def test_screenshot_script_refuses_a_run_without_scalars(tmp_path):
     )
     assert result.returncode != 0 and "did not serve the scalars" in result.stderr + result.stdout
     assert not list(tmp_path.glob("tb_*.png"))
+
+
+@pytest.mark.parametrize("loggers", [[], ["~logger.tensorboard"]], ids=["tensorboard", "no_tensorboard"])
+def test_a_run_leaves_no_figure_open_and_its_event_files_written(tiny_tree, tmp_path, loggers):
+    """As its job returns (a sweep's next job may run in the same process) no figure is open (was: lr_find's, without
+    TensorBoard) and no event file (was: the one the HParams went to); killed then, the final metrics are on disk."""
+    run, still_open = tmp_path / "run", tmp_path / "open.txt"
+    result = train(run, tiny_tree, "model=resnet18", "tune.lr_find=true", "tune.num_training=20", *loggers,
+                   "+hydra.callbacks.kill._target_=tests.helpers.KillAtJobEnd", f"+hydra.callbacks.kill.path={still_open}", check=False)
+    assert result.returncode == -9 and read_metrics(run)["status"] == "completed", result.stderr[-2000:]
+    assert still_open.read_text() == "0 0"
+    if not loggers:
+        assert _events(run).Scalars("final/test_acc")[0].value == pytest.approx(read_metrics(run)["test_acc"])

@@ -85,6 +85,9 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, record: dict) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams, metrics=final)
+            # Lightning closed the writer after the test and this opened it again: close it now, not when the
+            # process exits (a sweep's jobs can share one process: each left its writer and its thread open).
+            logger.finalize("success")
         elif not isinstance(logger, CSVLogger):  # csv/ holds the epochs; metrics.json the rest
             logger.log_hyperparams({f"run/{k}": v for k, v in hparams.items()})
             logger.log_metrics(final)

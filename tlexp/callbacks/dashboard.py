@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from tlexp.report.plotting import pyplot
+from tlexp.report.plotting import closing_figures, pyplot
 
 
 def tensorboard_writers(trainer) -> list:
@@ -85,16 +85,15 @@ class TestDashboard(Callback):
         prep = pl_module.preprocessing
         mean = torch.tensor(prep.mean).view(3, 1, 1)
         std = torch.tensor(prep.std).view(3, 1, 1)
-        figures = {
-            "confusion_matrix": confusion_figure(pl_module.test_results["confusion_matrix"], names),
-            "misclassified": misclassified_figure(
-                [(x * std + mean).clamp(0, 1) for x, *_ in self._wrong],
-                [f"{names[t]} → {names[p]} ({c:.2f})" for _, t, p, c in self._wrong],
-            ),
-        }
-        plt = pyplot()
-        for name, fig in figures.items():
-            fig.savefig(self.out_dir / f"{name}.png", dpi=110)
-            for writer in tensorboard_writers(trainer):
-                writer.add_figure(f"test/{name}", fig, global_step=trainer.global_step, close=False)
-            plt.close(fig)
+        with closing_figures():
+            figures = {
+                "confusion_matrix": confusion_figure(pl_module.test_results["confusion_matrix"], names),
+                "misclassified": misclassified_figure(
+                    [(x * std + mean).clamp(0, 1) for x, *_ in self._wrong],
+                    [f"{names[t]} → {names[p]} ({c:.2f})" for _, t, p, c in self._wrong],
+                ),
+            }
+            for name, fig in figures.items():
+                fig.savefig(self.out_dir / f"{name}.png", dpi=110)
+                for writer in tensorboard_writers(trainer):
+                    writer.add_figure(f"test/{name}", fig, global_step=trainer.global_step, close=False)

@@ -22,6 +22,7 @@ from pytorch_lightning.tuner import lr_finder as lightning_lr_finder
 from tlexp.callbacks.dashboard import tensorboard_writers
 from tlexp.errors import TlexpError
 from tlexp.features.cache import FrozenPrefixCache
+from tlexp.report.plotting import closing_figures
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,12 @@ def find_lr(trainer: pl.Trainer, module, datamodule, tune: dict, run_dir: Path) 
             f"tune.lr_find: too few points for a suggestion ({len(finder.results['lr'])} steps); "
             "raise tune.num_training or use more data"
         )
-    figure = finder.plot(suggest=True)
-    figure.savefig(run_dir / "lr_find.png", dpi=110)
-    for writer in tensorboard_writers(trainer):
-        writer.add_figure("tune/lr_find", figure)
-        writer.add_scalar("tune/lr_suggestion", suggestion)
+    with closing_figures():
+        figure = finder.plot(suggest=True)
+        figure.savefig(run_dir / "lr_find.png", dpi=110)
+        for writer in tensorboard_writers(trainer):
+            writer.add_figure("tune/lr_find", figure, close=False)
+            writer.add_scalar("tune/lr_suggestion", suggestion)
     log.info(
         "tune.lr_find: suggested learning rate %.3g (%s); plot in %s",
         suggestion, "used for this run" if tune["use_suggestion"] else "optim.lr kept: pass tune.use_suggestion=true to use it",
