@@ -38,6 +38,9 @@ log = logging.getLogger("tlexp")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 # Lightning-internal deprecation (its own use of torch's pytree API): nothing a user can change.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# "training batches (3) smaller than the logging interval", at every epoch's loaders: tlexp logs the epoch's metrics
+# at each epoch's end, and Lightning counts log_every_n_steps across epochs, so short epochs still get train/loss_step.
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 # Lightning's banner (GPU/TPU available, tips, checkpoint restore notices): the run summary says what matters.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
