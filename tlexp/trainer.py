@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -11,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
 
 from tlexp.callbacks.dashboard import TestDashboard
 from tlexp.callbacks.reseed import ReseedEachEpoch
@@ -20,6 +22,10 @@ from tlexp.model.finetune import PhasedFinetuning
 from tlexp.model.optim import optimizer_name
 from tlexp.runs import AtomicCheckpointIO
 from tlexp.speed.defaults import resolve_precision
+
+log = logging.getLogger(__name__)
+# trainer.profiler=<name>: Lightning's own profilers, given a file in the run dir for their reports
+PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, max_epochs: int, finetuning: PhasedFinetuning, *own: Callback) -> pl.Trainer:
@@ -33,6 +39,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, max_epochs: int, finetuning: P
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
     args["max_epochs"] = max_epochs
     args["precision"] = resolve_precision(args["precision"], args["accelerator"])
+    profiler = str(args.get("profiler")).lower()
+    if profiler in PROFILERS:  # named, Lightning's profiler prints its report to the terminal alone
+        args["profiler"] = PROFILERS[profiler](dirpath=run_dir, filename="profiler")
+        log.info("trainer.profiler=%s: its reports go to %s and %s", profiler, run_dir / "fit-profiler.txt", run_dir / "test-profiler.txt")
     if cfg.perf.feature_cache:
         views = {"A": cfg.data.augment.cached_views.phase_a, "B": cfg.data.augment.cached_views.phase_b}
         callbacks.append(FrozenPrefixCache(
