@@ -81,6 +81,8 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "tune.lr_find=true", "tune.num_training=1"], ["tune.num_training must be >= 2"]),
         (["model=resnet18", "seed=-1"], ["seed must be in [0, 4294967296), got -1"]),
         (["model=resnet18", "data.augment.policy=augmix"], ["data.augment.policy must be one of none, trivialaugment, randaugment, autoaugment"]),
+        (["model=resnet18", "optim._target_=torch.optim.Adamw"], ["optim._target_=torch.optim.Adamw is not an importable class: did you mean torch.optim.AdamW?"]),
+        (["model=resnet18", "optim._target_=torch.nn.Linear"], ["optim._target_=torch.nn.Linear is not a torch.optim.Optimizer"]),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from tlexp.data.transforms import POLICIES
 from tlexp.errors import TlexpError
-from tlexp.model.optim import SCHEDULERS
+from tlexp.model.optim import SCHEDULERS, optimizer_class
 from tlexp.speed.timing import RUNTIMES
 
 INT, NUMBER = "an integer", "a number"
@@ -73,9 +73,18 @@ def check_config(cfg) -> None:
         for key, choices in CHOICES.items()
         if OmegaConf.select(cfg, key) not in choices
     ]
+    problems += _optimizer_problems(cfg)
     problems += _mixing_problems(cfg) + _epoch_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
+
+
+def _optimizer_problems(cfg) -> list[str]:
+    try:
+        optimizer_class(OmegaConf.select(cfg, "optim._target_"))
+    except TlexpError as exc:
+        return [str(exc)]
+    return []
 
 
 def _mixing_problems(cfg) -> list[str]:

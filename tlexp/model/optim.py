@@ -6,8 +6,10 @@ model does, and the schedule needs the run's length.
 
 from __future__ import annotations
 
+import difflib
+import importlib
+
 import torch
-from hydra.utils import get_class
 
 from tlexp.errors import TlexpError
 
@@ -20,11 +22,31 @@ def optimizer_name(cfg: dict) -> str:
     return cfg["_target_"].rsplit(".", 1)[-1].lower()
 
 
-def build_optimizer(cfg: dict, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+def _torch_optimizers() -> dict[str, str]:
+    """``adamw`` -> ``torch.optim.AdamW``, for each optimizer of torch.optim."""
+    classes = (n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer))
+    return {n.lower(): f"torch.optim.{n}" for n in classes if n != "Optimizer"}
+
+
+def optimizer_class(target) -> type[torch.optim.Optimizer]:
+    """The class ``optim._target_`` names, checked with the config: a typo would otherwise surface
+    only at ``configure_optimizers``, after the data were listed and the backbone built."""
+    module, _, name = str(target).rpartition(".")
     try:
-        cls = get_class(cfg["_target_"])
-    except Exception as exc:
-        raise TlexpError(f"optim._target_={cfg['_target_']}: not an importable class (e.g. torch.optim.SGD)") from exc
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+        return cls
+    known = _torch_optimizers()
+    close = difflib.get_close_matches(name.lower(), known, n=1)  # case-blind: Adamw -> AdamW
+    hint = f"did you mean {known[close[0]]}?" if close else "give one such as torch.optim.AdamW"
+    what = "an importable class" if cls is None else "a torch.optim.Optimizer"
+    raise TlexpError(f"optim._target_={target} is not {what}: {hint}")
+
+
+def build_optimizer(cfg: dict, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    cls = optimizer_class(cfg["_target_"])
     extra = {k: v for k, v in cfg.items() if k not in OWN_KEYS}
     try:
         return cls(groups, lr=lr, **extra)
