@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from torch.fx.passes.shape_prop import ShapeProp
 
 from tlexp.errors import TlexpError
 from tlexp.model.backbones import build_backbone
@@ -105,3 +106,19 @@ def test_n_larger_than_backbone_is_a_clear_error(resnet50):
         modules_to_unfreeze(resnet50, parse_strategy("blocks_17"))
     with pytest.raises(TlexpError, match="only 172 layers"):
         modules_to_unfreeze(resnet50, parse_strategy("layers_500"))
+
+
+def test_counting_layers_leaves_every_module_in_its_mode_even_when_it_fails(monkeypatch):
+    backbone = build_backbone("torchvision", "resnet18", None)
+    body = backbone.body.train()
+    body.bn1.eval()  # a frozen BatchNorm, which TransferModule.train keeps in eval mode
+    layers(backbone)
+    assert body.training and body.layer1[0].bn1.training and not body.bn1.training
+
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ShapeProp, "propagate", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        layers(backbone)
+    assert body.training and body.layer1[0].bn1.training and not body.bn1.training

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -153,14 +154,25 @@ def _spatial(node: fx.Node) -> bool:
     return (shape[1] if len(shape) == 3 else math.prod(shape[2:])) > 1
 
 
+@contextmanager
+def _in_eval_mode(body: nn.Module):
+    """Eval mode for tracing or a dry run; each module's own mode back after it, even if it fails.
+
+    Each module's, not ``body.train(mode)``: that would put the frozen BatchNorm layers that
+    ``TransferModule.train`` keeps in eval mode back in train mode (a model traced mid-fit).
+    """
+    modes = [(m, m.training) for m in body.modules()]
+    try:
+        yield body.eval()
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def trace(backbone: Backbone) -> fx.Graph:
     """The body's graph, traced in eval mode (leaves decide train/eval behaviour at run time)."""
-    body = backbone.body
-    was_training = body.training
-    try:
-        return _Tracer(backbone.source).trace(body.eval())
-    finally:
-        body.train(was_training)
+    with _in_eval_mode(backbone.body) as body:
+        return _Tracer(backbone.source).trace(body)
 
 
 def layers(backbone: Backbone) -> list[Unit]:
@@ -169,10 +181,8 @@ def layers(backbone: Backbone) -> list[Unit]:
     graph = trace(backbone)
     module = fx.GraphModule(body, graph)
     size = backbone.preprocessing.crop_size
-    was_training = body.training
-    with torch.no_grad():
-        ShapeProp(module.eval()).propagate(torch.zeros(1, 3, size, size))
-    body.train(was_training)
+    with _in_eval_mode(module), torch.no_grad():
+        ShapeProp(module).propagate(torch.zeros(1, 3, size, size))
     ops = [n for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")]
     last_spatial = max(i for i, n in enumerate(ops) if _spatial(n))
     units = []
