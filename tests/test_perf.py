@@ -36,6 +36,38 @@ def test_inference_runtime_is_verified_against_eager(monkeypatch):
     assert profiling.inference_runtime(model, (x,), "torchscript") == (model, "eager")
 
 
+def test_speed_is_timed_in_the_precision_the_run_tested_in():
+    """bf16-mixed runs (precision=auto on a CPU with native bf16) were timed in fp32, and speed_setup did not say which."""
+    import torch
+    import torchvision
+    from torch import nn
+
+    from tlexp.speed.timing import inference_speed
+
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            seen.append(self.conv(x).dtype)
+            return self.conv(x).mean((2, 3))
+
+    for precision, ran, dtype in [("32-true", "32-true", torch.float32), ("bf16-mixed", "bf16-mixed", torch.bfloat16),
+                                  ("16-mixed", "bf16-mixed", torch.bfloat16)]:  # a CPU runs 16-mixed as bf16 (Lightning too)
+        seen.clear()
+        speed = inference_speed(Probe(), 16, batch_size=2, warmup=0, repeats=1, precision=precision)
+        assert speed["speed_setup"]["precision"] == ran and set(seen) == {dtype}
+    seen.clear()  # a *-true run's weights are in its dtype: so are the timed images
+    speed = inference_speed(Probe().to(torch.bfloat16), 16, batch_size=2, warmup=0, repeats=1, precision="bf16-true")
+    assert speed["speed_setup"]["precision"] == "bf16-true" and set(seen) == {torch.bfloat16}
+    # TorchScript in bf16 differs from eager bf16 by reordering alone (3e-3 here): still the model, timed traced
+    resnet = torchvision.models.resnet18(num_classes=5)
+    assert inference_speed(resnet, 32, batch_size=2, warmup=0, repeats=1, runtime="torchscript", precision="bf16-mixed")["speed_setup"]["runtime"] == "torchscript"
+
+
 def test_malloc_tuning_applies_on_glibc():
     assert perf.tune_glibc_malloc() is True
 
@@ -130,7 +162,8 @@ def test_the_record_names_the_precision_that_ran(tmp_path, tiny_tree):
     """fp16 autocast does not exist on a CPU: Lightning runs bf16-mixed, and metrics.json says so."""
     run = tmp_path / "run"
     train(run, tiny_tree, "model=resnet18", "strategy=frozen", "trainer.accelerator=cpu", "trainer.precision=16-mixed")
-    assert read_metrics(run)["precision"] == "bf16-mixed"
+    metrics = read_metrics(run)
+    assert metrics["precision"] == metrics["speed_setup"]["precision"] == "bf16-mixed"
 
 
 def test_perf_mps_starts_one_daemon_for_side_by_side_jobs_and_tells_it_to_quit(tmp_path, monkeypatch):

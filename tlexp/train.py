@@ -93,7 +93,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         size = module.preprocessing.crop_size
         jobs = _jobs_running()
         with runs.sigterm_stops():
-            extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile)}
+            extra |= {"gflops": gflops_per_image(module, size), **speed_on_devices(module, device, size, cfg.profile, str(trainer.precision))}
         jobs = max(jobs, _jobs_running())
         if jobs > 1:  # other jobs of the sweep shared the machine: its figures are a busy device's
             extra["speed_setup"]["sweep_jobs"] = jobs

@@ -8,8 +8,10 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -17,7 +19,7 @@ log = logging.getLogger(__name__)
 # auto: cudagraph on a GPU, torchscript on a CPU.
 RUNTIMES = ("auto", "eager", "torchscript", "compile", "cudagraph")
 # Largest difference from eager, relative to the output's scale (at least 1), that still counts as
-# the same model (fp32 reordering only).
+# the same model (fp32 reordering only; in bf16 or fp16, see verify_tolerance).
 VERIFY_TOLERANCE = 1e-3
 
 
@@ -36,8 +38,9 @@ def device_name(device: torch.device) -> str:
 def gflops_per_image(model: nn.Module, image_size: int) -> float:
     """Forward FLOPs of one image at the run's input size (a multiply-add counts as 2)."""
     counter = FlopCounterMode(display=False)
+    dtype = next(model.parameters()).dtype  # a *-true run's weights are in its dtype
     with counter, torch.inference_mode():
-        model.eval()(torch.zeros(1, 3, image_size, image_size, device=device_of(model)))
+        model.eval()(torch.zeros(1, 3, image_size, image_size, device=device_of(model), dtype=dtype))
     return counter.get_total_flops() / 1e9
 
 
@@ -100,6 +103,16 @@ class CudaGraphed:
         return static_out
 
 
+def verify_tolerance(model: nn.Module, device: torch.device) -> float:
+    """VERIFY_TOLERANCE, or four units of bf16's or fp16's precision where the model runs in one (autocast,
+    or ``*-true`` weights): reordered ops differ by that much there (ResNet-18 traced in bf16: 3e-3)."""
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    else:
+        dtype = next(model.parameters(), torch.empty(0)).dtype
+    return max(VERIFY_TOLERANCE, 4 * torch.finfo(dtype).eps)
+
+
 def resolve_runtime(runtime: str, device: torch.device) -> str:
     """``auto`` per device; a GPU-only runtime asked of a CPU becomes the CPU's choice."""
     if runtime == "auto" or (runtime == "cudagraph" and device.type != "cuda"):
@@ -145,25 +158,43 @@ def inference_runtime(
     except Exception as exc:  # noqa: BLE001 -- any model the runtime cannot take runs eagerly
         log.warning("%s: %s failed for this model (%s: %s); running it eagerly", setting, runtime, type(exc).__name__, exc)
         return model, "eager"
-    if diff > VERIFY_TOLERANCE:
+    if diff > verify_tolerance(model, examples[0].device):
         log.warning("%s: %s changes the outputs by %.2e (relative); running it eagerly", setting, runtime, diff)
         return model, "eager"
     return fast, runtime
 
 
-def inference_speed(model: nn.Module, image_size: int, batch_size: int, warmup: int, repeats: int, runtime: str = "eager") -> dict:
-    """ms/image at batch 1 (the reference study's figure) and images/s at ``batch_size``, in eval mode, on the model's device."""
+def precision_on(precision: str, device: torch.device) -> str:
+    """``precision`` as Lightning runs it on ``device``: a CPU runs 16-mixed as bf16-mixed."""
+    return "bf16-mixed" if precision == "16-mixed" and device.type == "cpu" else precision
+
+
+def precision_context(precision: str, device: torch.device):
+    """Lightning's forward context for ``precision``: autocast for the mixed ones. A ``*-true`` run's
+    weights are in their dtype already (Lightning converted them), so its inputs are made in it."""
+    return MixedPrecision(precision, device.type).forward_context() if precision.endswith("-mixed") else nullcontext()
+
+
+def inference_speed(
+    model: nn.Module, image_size: int, batch_size: int, warmup: int, repeats: int, runtime: str = "eager", precision: str = "32-true"
+) -> dict:
+    """ms/image at batch 1 (the reference study's figure) and images/s at ``batch_size``, in eval mode, on the
+    model's device, in the run's ``precision`` (``trainer.precision``): the figures of the model that was tested."""
     device, started = device_of(model), time.perf_counter()
-    one_batch = torch.rand(1, 3, image_size, image_size, device=device)
-    many_batch = torch.rand(batch_size, 3, image_size, image_size, device=device)
-    run, used = inference_runtime(model, (one_batch, many_batch), runtime)
-    one = median_seconds(run, one_batch, warmup, repeats)
-    many = median_seconds(run, many_batch, warmup, repeats)
+    precision = precision_on(precision, device)
+    dtype = next(model.parameters()).dtype
+    one_batch = torch.rand(1, 3, image_size, image_size, device=device, dtype=dtype)
+    many_batch = torch.rand(batch_size, 3, image_size, image_size, device=device, dtype=dtype)
+    with precision_context(precision, device):
+        run, used = inference_runtime(model, (one_batch, many_batch), runtime)
+        one = median_seconds(run, one_batch, warmup, repeats)
+        many = median_seconds(run, many_batch, warmup, repeats)
     return {
         "ms_per_image": one * 1e3,
         "images_per_s": batch_size / many,
         "speed_setup": {
             "runtime": used,
+            "precision": precision,
             "device": device.type,
             "device_name": device_name(device),
             "threads": torch.get_num_threads(),
@@ -177,9 +208,9 @@ def inference_speed(model: nn.Module, image_size: int, batch_size: int, warmup: 
     }
 
 
-def speed_on_devices(model: nn.Module, device: torch.device, image_size: int, profile) -> dict:
+def speed_on_devices(model: nn.Module, device: torch.device, image_size: int, profile, precision: str = "32-true") -> dict:
     """Speed on the training device; after a GPU run, the CPU's figures too (``cpu``), for serving without one."""
-    args = (image_size, profile.batch_size, profile.warmup, profile.repeats, profile.runtime)
+    args = (image_size, profile.batch_size, profile.warmup, profile.repeats, profile.runtime, precision)
     figures = inference_speed(model.to(device), *args)
     if device.type != "cpu":
         figures["cpu"] = inference_speed(model.cpu(), *args)
