@@ -158,6 +158,28 @@ def test_one_job_at_a_time_holds_even_after_the_lock_file_is_removed(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_one_job_at_a_time_closes_its_lock_file_when_locking_fails(tmp_path, monkeypatch):
+    """An flock that fails for another reason than a held lock (ENOLCK on NFS) surfaces, and leaves no file open."""
+    import errno
+
+    from tlexp import one_job_at_a_time as module
+
+    opened = []
+
+    def recording_open(*args, **kwargs):
+        opened.append(open(*args, **kwargs))  # noqa: SIM115 -- the test checks it is closed
+        return opened[-1]
+
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(module, "open", recording_open, raising=False)
+    monkeypatch.setattr(module.fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="No locks available"), one_job_at_a_time(tmp_path / ".work.lock", "busy"):
+        pass
+    assert len(opened) == 1 and opened[0].closed
+
+
 def test_speed_figures_count_the_jobs_that_ran_beside_them_not_the_launchers_cap(tree, tmp_path):
     """speed_setup.sweep_jobs counts the sweep's jobs on this machine whose .tlexp.running lock is held while
     a job times its speed: a finished job, or one on another node, is not counted; a job that starts while
