@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tlexp import runs
 from tlexp.record import file_digest
@@ -59,3 +60,24 @@ def test_a_sigterm_whose_exception_python_ignored_still_stops_the_block():
         ref = weakref.ref(thing, dropped)
         del thing
         assert ref() is None  # still inside the block: the signal was swallowed, not raised here
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), MemoryError()], ids=["permission", "memory"])
+def test_only_a_damaged_checkpoint_is_set_aside(tmp_path, monkeypatch, error):
+    """resume=true renames an unreadable checkpoint *.damaged; an error that is not damage surfaces as itself."""
+    folder = tmp_path / "checkpoints"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 1}, folder / "last.ckpt")
+    cfg = OmegaConf.create({"ckpt_path": None, "resume": True})
+    assert runs.resume_point(cfg, tmp_path) == (None, str(folder / "last.ckpt"))
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(runs.torch, "load", fails)
+    with pytest.raises(type(error)):
+        runs.resume_point(cfg, tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # nothing renamed
+    (folder / "last.ckpt").write_bytes(b"not a checkpoint any more")
+    assert runs.resume_point(cfg, tmp_path) == (None, None)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt.damaged"]

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -203,12 +204,17 @@ def _same_model(path, theirs: tuple, ours: tuple) -> None:
         raise RunDirRefused(f"ckpt_path={path} holds a {theirs[1]} ({theirs[0]}) model, this run builds {ours[1]}: pass the matching model=")
 
 
+# What torch.load raises for bytes that are not a whole checkpoint (truncated, overwritten, empty), and
+# verify_checkpoint's TlexpError for changed bytes. Anything else (no permission, no memory) is not damage.
+DAMAGED = (RuntimeError, pickle.UnpicklingError, EOFError, TlexpError)
+
+
 def _readable_checkpoint(path: Path) -> bool:
     """False for a damaged checkpoint, which is renamed ``*.damaged`` (kept, and out of Lightning's way)."""
     try:
         verify_checkpoint(path)
         torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # noqa: BLE001 -- any unreadable file is skipped the same way
+    except DAMAGED as exc:
         aside = path.with_name(path.name + ".damaged")
         os.replace(path, aside)
         _sidecar(path).unlink(missing_ok=True)
