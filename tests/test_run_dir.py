@@ -8,6 +8,7 @@ the run that owns it wrote them.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 
@@ -192,7 +193,28 @@ def test_the_table_names_killed_jobs_and_foreign_records(tmp_path, tree, finishe
     empty = sweep / "3_resnet18_frozen"
     empty.mkdir()
     (empty / "metrics.json").write_text("")  # a disk that filled up mid-write, say
+    foreign = sweep / "4_resnet18_frozen"
+    foreign.mkdir()
+    (foreign / "metrics.json").write_text('[{"acc": 0.9}]')  # another tool's metrics.json
     rows = load_rows(sweep)
-    assert [r["status"] for r in rows] == ["completed", "missing", "mismatch", "unreadable"]
+    assert [r["status"] for r in rows] == ["completed", "missing", "mismatch", "unreadable", "foreign"]
     assert "killed" in rows[1]["error"] and "another config" in rows[2]["error"]
     assert "3_resnet18_frozen/metrics.json is not valid JSON" in rows[3]["error"]
+    assert rows[4]["error"].endswith("4_resnet18_frozen/metrics.json is not a tlexp run record (no status completed or failed "
+                                     "or interrupted): another tool's or an older format")
+
+
+def test_a_record_of_an_older_format_is_refused_not_overwritten(tmp_path, tree, finished):
+    """A completed metrics.json without its run's settings (``run``) cannot be compared: resume=true and a new run
+    are refused in one line, the file kept (was: a new run crashed with IndexError, resume=true skipped it unchecked)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "checkpoints")
+    old = {k: v for k, v in read_metrics(run).items() if k != "run"}
+    (run / "metrics.json").write_text(json.dumps(old))
+    for resume in ("resume=true", "resume=false"):
+        result = train(run, tree, *SCHEDULE, resume, "seed=7", check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        assert "metrics.json is a completed record without the settings it was run with" in result.stderr
+        assert "give this run its own folder (hydra.run.dir=...)" in result.stderr
+        assert read_metrics(run) == old

@@ -252,3 +252,13 @@ def test_curves_have_whole_epoch_ticks_and_draw_nan_losses(tmp_path, monkeypatch
     assert table_main([str(sweep)]) == 0
     assert ticks["curves.png"] == [list(range(epochs))] * 2
     assert (sweep / "curves.png").stat().st_size > 10_000
+
+
+def test_the_best_trial_skips_files_that_are_no_record(tmp_path):
+    """A half-written or foreign metrics.json in a search's folder is no trial (was: the callback's traceback)."""
+    from tlexp.report.best_trial import best_job
+
+    for i, text in enumerate(['{"status": "completed", "val_acc": 0.5}', "", '{"val_acc": 0.9}']):
+        (tmp_path / f"{i}_trial").mkdir()
+        (tmp_path / f"{i}_trial" / "metrics.json").write_text(text)
+    assert best_job(tmp_path)["job_dir"] == str(tmp_path / "0_trial")

@@ -101,10 +101,18 @@ def write_record(run_dir: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
+class NotARecord(ValueError):
+    """A metrics.json that is valid JSON but no run record of tlexp's (another tool's, or one without a ``status``)."""
+
+
 def read_record(path: Path) -> dict:
-    """A metrics.json (the file, or the run folder holding it)."""
+    """A metrics.json (the file, or the run folder holding it); ValueError if it is not JSON, NotARecord if not a record."""
     path = Path(path)
-    return json.loads((path / RECORD if path.is_dir() else path).read_text())
+    file = path / RECORD if path.is_dir() else path
+    record = json.loads(file.read_text())
+    if not isinstance(record, dict) or record.get("status") not in STATUSES:
+        raise NotARecord(f"{file} is not a tlexp run record (no status {' or '.join(STATUSES)}): another tool's or an older format")
+    return record
 
 
 def _brief(cfg, run_dir: Path, status: str, error: str) -> dict:

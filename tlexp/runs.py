@@ -26,6 +26,7 @@ from tlexp.errors import RunDirRefused, TlexpError
 from tlexp.record import (
     EXTENDABLE,
     RECORD,
+    NotARecord,
     differences,
     file_digest,
     read_record,
@@ -232,7 +233,7 @@ def resume_point(cfg, run_dir: Path) -> tuple[dict | None, str | None]:
     if cfg.ckpt_path or not cfg.resume:
         return None, cfg.ckpt_path
     if (run_dir / RECORD).exists():
-        previous = read_record(run_dir)
+        previous = _own_record(run_dir)
         if previous.get("status") == "completed":
             return previous, None
     folder = run_dir / "checkpoints"
@@ -330,12 +331,27 @@ def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:
             )
         return
     existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    previous = read_record(run_dir) if (run_dir / RECORD).exists() else {}
+    previous = _own_record(run_dir) if (run_dir / RECORD).exists() else {}
     if existing or previous.get("status") == "completed":
         restore_hydra_files(run_dir, previous.get("run") or _checkpoint_identity(existing[-1]))  # the record, read once
         raise RunDirRefused(
             f"{run_dir} already holds a run: resume=true continues it; a new run needs its own folder (hydra.run.dir=...)"
         )
+
+
+def _own_record(run_dir: Path) -> dict:
+    """The folder's metrics.json, which a run may skip (completed) or replace. A completed record without its run's
+    settings (``run``: an older tlexp's) cannot be compared with this run's, and a file that is no record is not
+    ours to overwrite: both refused, the file left as it is."""
+    try:
+        record = read_record(run_dir)
+    except ValueError as exc:
+        problem = str(exc) if isinstance(exc, NotARecord) else f"{run_dir / RECORD} is not valid JSON ({exc})"
+    else:
+        if record["status"] != "completed" or "run" in record:
+            return record
+        problem = f"{run_dir / RECORD} is a completed record without the settings it was run with ('run': an older tlexp's)"
+    raise RunDirRefused(f"{problem}: move it out of {run_dir} to train there, or give this run its own folder (hydra.run.dir=...)")
 
 
 def _recorded_identity(run_dir: Path) -> dict | None:

@@ -24,7 +24,10 @@ def best_job(sweep_dir: Path) -> dict | None:
     best = None
     jobs = sorted(sweep_dir.glob(f"*/{RECORD}"), key=lambda f: (len(f.parent.name.split("_")[0]), f.parent.name))
     for metrics_file in jobs:  # in job order, so a tie goes to the earliest trial, as Optuna's best_trial does
-        metrics = read_record(metrics_file)
+        try:
+            metrics = read_record(metrics_file)
+        except ValueError:  # half-written, or another tool's file: no trial of this search
+            continue
         scored = metrics.get("status") == "completed" and metrics.get("val_acc") is not None
         if scored and (best is None or metrics["val_acc"] > best["val_acc"]):
             best = {**metrics, "job_dir": str(metrics_file.parent)}

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tlexp.errors import TlexpError
-from tlexp.record import RECORD, read_record
+from tlexp.record import RECORD, NotARecord, read_record
 from tlexp.report import repeats
 from tlexp.report.plotting import pyplot
 
@@ -104,6 +104,8 @@ def _row(job: Path) -> dict:
                 "seed": settings.get("seed"), "error": "no metrics.json: the job was killed before it could record (resume=true runs it again)"}
     try:
         row = read_record(job)
+    except NotARecord as exc:  # another tool's file, a record of another format: said, not a traceback
+        return {"status": "foreign", "error": str(exc)}
     except ValueError as exc:  # empty or half-written: a row that names the file, not a traceback
         return {"status": "unreadable", "error": f"{job / RECORD} is not valid JSON ({exc})"}
     saved = row.get("run", {}).get("hydra_files", {}).get("config.yaml")
