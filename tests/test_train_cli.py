@@ -40,8 +40,23 @@ def test_resnet50_blocks_2_run_writes_metrics(tmp_path, tiny_tree):
 
 def test_five_class_resnet50_reports_design_count(tmp_path):
     root = make_image_tree(tmp_path / "five", {c: 4 for c in "abcde"}, size=(24, 24))
-    train(tmp_path / "run", root, "model=resnet50", "strategy=blocks_2", "data.image_size=32", "trainer.max_epochs=1")  # phase A only
+    train(tmp_path / "run", root, "model=resnet50", "strategy=blocks_2", "data.image_size=32")
     assert read_metrics(tmp_path / "run")["trainable_params"] == 8_935_429
+
+
+def test_a_run_stopped_before_phase_b_reports_what_trained(tmp_path, tiny_tree):
+    """trainer.max_epochs=1 ends a blocks_1 run after phase A: the head alone trained (was: phase B's count and
+    modules); resumed for longer, it reports phase B's."""
+    run, schedule = tmp_path / "run", ("model=resnet18", "strategy=blocks_1")
+    train(run, tiny_tree, *schedule, "trainer.max_epochs=1")
+    metrics = read_metrics(run)
+    assert metrics["trainable_params"] == metrics["trainable_params_phase_a"] == 512 * 3 + 3
+    assert (metrics["unfrozen_modules"], metrics["phase_b_epochs"], metrics["epochs"]) == ([], 0, 1)
+    (run / "metrics.json").unlink()  # its checkpoint goes on: a longer run from where it stopped
+    train(run, tiny_tree, *schedule, "trainer.max_epochs=2", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    metrics = read_metrics(run)
+    assert metrics["trainable_params"] == 512 * 3 + 3 + 2 * (512 * 512 * 9 + 2 * 512)  # + layer4.1: two convs, two BatchNorms
+    assert (metrics["unfrozen_modules"], metrics["phase_b_epochs"], metrics["epochs"]) == (["layer4.1"], 1, 2)
 
 
 def test_frozen_strategy_stops_after_phase_a(tmp_path, tiny_tree):

@@ -147,8 +147,8 @@ def completed_record(
 ) -> dict:
     """Every result of a finished run: the study's columns, how it was run, and the per-epoch history.
 
-    ``identity``: ``run_identity``'s, as its checkpoints hold it; ``epochs``: ``EpochHistory.epochs``
-    as fitting left them; ``extra``: what only some runs measure (speed, peak GPU memory, the LR
+    ``identity``: ``run_identity``'s, as its checkpoints hold it; ``units``: those that trained (none if
+    the run ended in phase A); ``epochs``: ``EpochHistory.epochs`` as fitting left them; ``extra``: what only some runs measure (speed, peak GPU memory, the LR
     finder's result, wall time).
     """
     best = best_epoch(epochs)
@@ -170,7 +170,7 @@ def completed_record(
         "skipped": data.skipped,
         "epochs": len(epochs),
         "phase_a_epochs": cfg.finetune.phase_a_epochs,
-        "phase_b_epochs": cfg.finetune.phase_b_epochs if units else 0,
+        "phase_b_epochs": sum(e["phase_b"] for e in epochs),
         "best_epoch": best.get("epoch"),
         **{k: best.get(k) for k in ("train_acc", "train_loss", "val_acc", "val_loss")},
         "test_acc": test["test/acc"],

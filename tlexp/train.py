@@ -109,8 +109,9 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     }
     if "cpu" in extra:  # after a GPU run: how much of the speed timing the CPU's figures took
         extra["time_split"]["speed_cpu_s"] = extra["cpu"]["speed_setup"]["seconds"]
+    trained = units if any(e["phase_b"] for e in fitted) else []  # trainer.max_epochs (or early stopping) may end it in phase A
     results = record.completed_record(
-        cfg, run_dir, identity=identity, data=data, module=module, units=units, trainable_params=phase_b_params(module.head, units), epochs=fitted,
+        cfg, run_dir, identity=identity, data=data, module=module, units=trained, trainable_params=phase_b_params(module.head, trained), epochs=fitted,
         test=test, precision=trainer.precision, extra=extra,
     )
     record.write_record(run_dir, results)
