@@ -55,7 +55,9 @@ def test_record_config_split_and_checkpoint_describe_one_run(finished):
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("strategy=full", "strategy: 'blocks_2' -> 'full'"), ("seed=7", "seed: 42 -> 7"), ("optim.lr=0.5", "optim.lr: 0.001 -> 0.5")],
+    [("strategy=full", "strategy: 'blocks_2' -> 'full'"), ("seed=7", "seed: 42 -> 7"), ("optim.lr=0.5", "optim.lr: 0.001 -> 0.5"),
+     ("callbacks=early_stopping", "callbacks.early_stopping.patience: None -> 5"),
+     ("callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.monitor: 'val/acc' -> 'val/loss'")],
 )
 def test_a_resume_that_changes_a_result_setting_is_refused(tmp_path, tree, finished, override, named):
     run = tmp_path / "run"
@@ -92,7 +94,7 @@ def test_resume_true_on_a_finished_run(tmp_path, tree, finished):
     changed = train(run, tree, *SCHEDULE, "resume=true", "data.batch_size=4", check=False)
     assert changed.returncode == 2 and "data.batch_size: 8 -> 4" in changed.stderr
     assert _snapshot(run) == before  # .hydra/config.yaml is the finished run's again
-    same = train(run, tree, *SCHEDULE, "resume=true", "data.num_workers=0")  # not a result setting
+    same = train(run, tree, *SCHEDULE, "resume=true", "data.num_workers=0", "callbacks.lr_monitor=null")  # not result settings
     assert "already completed" in (run / "train.log").read_text() and same.returncode == 0
     assert _snapshot(run) == before
 

@@ -81,3 +81,15 @@ def test_only_a_damaged_checkpoint_is_set_aside(tmp_path, monkeypatch, error):
     (folder / "last.ckpt").write_bytes(b"not a checkpoint any more")
     assert runs.resume_point(cfg, tmp_path) == (None, None)
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt.damaged"]
+
+
+def test_a_record_written_before_callbacks_were_compared_still_resumes(tmp_path, compose_cfg):
+    """Settings saved without ``callbacks.*`` keys (an older tlexp's) are compared on the rest alone."""
+    from tlexp.errors import RunDirRefused
+    from tlexp.record import result_config
+
+    cfg = compose_cfg("callbacks=early_stopping")
+    older = {k: v for k, v in result_config(cfg).items() if not k.startswith("callbacks.")}
+    runs.claim(cfg, tmp_path, {"run": {"settings": older}}, None)  # skipped as completed, not refused
+    with pytest.raises(RunDirRefused, match=r"callbacks.early_stopping.patience: None -> 5"):
+        runs.claim(cfg, tmp_path, {"run": {"settings": result_config(compose_cfg())}}, None)

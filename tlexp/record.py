@@ -18,14 +18,18 @@ from omegaconf import OmegaConf
 log = logging.getLogger("tlexp")
 RECORD = "metrics.json"
 STATUSES = ("completed", "failed", "interrupted")
-# The settings that change what a run computes. Everything else (progress bars, workers, paths,
-# loggers, profiling, callbacks) may differ between a run and its resume.
+# The settings that change what a run computes, with RESULT_CALLBACKS. Everything else (progress bars,
+# workers, paths, loggers, profiling, other callbacks) may differ between a run and its resume.
 RESULT_KEYS = (
     "model", "data", "loss", "optim", "finetune", "strategy", "seed", "perf.feature_cache",
     "trainer.max_epochs", "trainer.precision", "trainer.devices", "trainer.strategy", "trainer.sync_batchnorm", "trainer.deterministic",
     "trainer.gradient_clip_val", "trainer.accumulate_grad_batches",
 )
 NOT_RESULT_KEYS = ("data.num_workers", "data.image_checks")
+# Callbacks (by class name) that change what a run computes, and their arguments that do (None: all): the
+# first checkpoint callback's monitor picks the best.ckpt that is tested, EarlyStopping ends the run,
+# WeightEMA is the model validated and tested. Compared as ``callbacks.<name>.<argument>``.
+RESULT_CALLBACKS = {"RunDirCheckpoint": ("monitor", "mode"), "ModelCheckpoint": ("monitor", "mode"), "EarlyStopping": None, "WeightEMA": None}
 # What a resume may change: training longer continues the same run (tests/test_scaling.py's DDP resume).
 EXTENDABLE = ("finetune.phase_b_epochs", "trainer.max_epochs")
 
@@ -34,10 +38,16 @@ def result_config(cfg) -> dict:
     """The resolved settings that decide a run's results, flattened to ``key: value``."""
     flat = {}
     for key in RESULT_KEYS:
-        value = OmegaConf.select(cfg, key, throw_on_missing=False)
-        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        flat.update(_flatten(key, value))
+        flat.update(_flatten(key, _plain(OmegaConf.select(cfg, key, throw_on_missing=False))))
+    for name, node in (OmegaConf.select(cfg, "callbacks") or {}).items():
+        kind = str((node or {}).get("_target_")).rsplit(".", 1)[-1]
+        for argument in [a for a in RESULT_CALLBACKS[kind] or node if a in node] if kind in RESULT_CALLBACKS else []:
+            flat.update(_flatten(f"callbacks.{name}.{argument}", _plain(node[argument])))
     return {k: v for k, v in flat.items() if k not in NOT_RESULT_KEYS}
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _flatten(prefix: str, value) -> dict:
