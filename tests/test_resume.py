@@ -182,3 +182,18 @@ def test_ema_killed_at_the_phase_switch_resumes_exactly(tmp_path, tree):
     _assert_same_run(resumed, whole)
     a, b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"] for r in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_records_the_lr_finders_result(tmp_path, tree):
+    """The range test runs at the first start only; its result and the rate it set survive in the checkpoint
+    (was: lr_find null and lr optim.lr's in a resumed run's metrics.json)."""
+    run = tmp_path / "run"
+    tune = ("model=resnet18", "strategy=blocks_1", "tune.lr_find=true", "tune.num_training=20", "tune.use_suggestion=true")
+    killed = train(run, tree, *tune, *KILL_POINTS["phase_a"][:1], "+callbacks.killer.epoch=1", check=False)
+    assert killed.returncode == -signal.SIGKILL
+    found = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["tlexp_lr_find"]
+    assert found["used"] is True and found["steps"] == 20 and found["suggestion"] > 0
+    train(run, tree, *tune, "resume=true")
+    metrics = read_metrics(run)
+    assert metrics["lr_find"] == found and metrics["lr"] == found["suggestion"] != 1e-3
+    assert metrics["history"][-1]["lr_head"] == pytest.approx(found["suggestion"])

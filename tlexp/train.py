@@ -20,7 +20,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tlexp import record, runs
 from tlexp.callbacks.history import EpochHistory
-from tlexp.callbacks.lr_finder import find_lr
+from tlexp.callbacks.lr_finder import FoundRate
 from tlexp.callbacks.run_identity import RunIdentity
 from tlexp.config import check_config, check_devices
 from tlexp.data.datamodule import ImageDataModule
@@ -66,12 +66,12 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
 
     history = EpochHistory(finetuning.phase_at)
     epochs = cfg.trainer.max_epochs or finetuning.epochs
-    trainer = build_trainer(cfg, run_dir, epochs, finetuning, history, RunIdentity(identity))
-    lr_find = None
+    rate = FoundRate()
+    trainer = build_trainer(cfg, run_dir, epochs, finetuning, history, RunIdentity(identity), rate)
     if cfg.tune.lr_find and ckpt_path:
-        log.info("tune.lr_find: skipped on resume (the checkpoint's optimizer holds the rates)")
+        log.info("tune.lr_find: skipped on resume (the checkpoint holds its result and the optimizer's rates)")
     elif cfg.tune.lr_find:
-        lr_find = find_lr(trainer, module, data, OmegaConf.to_container(cfg.tune), run_dir)
+        rate.search(trainer, module, data, OmegaConf.to_container(cfg.tune), run_dir)
 
     fit_started = time.perf_counter()  # before: listing and checking images, the model, the LR finder
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -97,7 +97,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         jobs = max(jobs, _jobs_running())
         if jobs > 1:  # other jobs of the sweep shared the machine: its figures are a busy device's
             extra["speed_setup"]["sweep_jobs"] = jobs
-    extra |= {"lr_find": lr_find, "wall_time_s": fit_seconds + time.perf_counter() - after_fit}
+    extra |= {"lr_find": rate.result, "wall_time_s": fit_seconds + time.perf_counter() - after_fit}
     cache = FrozenPrefixCache.of(trainer)
     if cache is not None and cache.off is not None:
         extra["feature_cache_off"] = cache.off

@@ -15,9 +15,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import BaseFinetuning
+from pytorch_lightning.callbacks import BaseFinetuning, Callback
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.tuner import lr_finder as lightning_lr_finder
+from pytorch_lightning.utilities.parsing import lightning_setattr
 
 from tlexp.callbacks.dashboard import tensorboard_writers
 from tlexp.errors import TlexpError
@@ -25,6 +26,27 @@ from tlexp.features.cache import FrozenPrefixCache
 from tlexp.report.plotting import closing_figures
 
 log = logging.getLogger(__name__)
+CHECKPOINT_KEY = "tlexp_lr_find"
+
+
+class FoundRate(Callback):
+    """The range test's result, kept in every checkpoint. A resumed run does not search again (the checkpoint's
+    optimizer holds the rates): it records the first start's result and, where that trained at the suggestion,
+    the module's rate is the suggestion again, as Lightning's ``update_attr`` set it then."""
+
+    def __init__(self):
+        self.result: dict | None = None
+
+    def search(self, trainer: pl.Trainer, module, datamodule, tune: dict, run_dir: Path) -> None:
+        self.result = find_lr(trainer, module, datamodule, tune, run_dir)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.result
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.result = checkpoint.get(CHECKPOINT_KEY)
+        if self.result and self.result["used"]:
+            lightning_setattr(pl_module, "learning_rate", self.result["suggestion"])
 
 
 def find_lr(trainer: pl.Trainer, module, datamodule, tune: dict, run_dir: Path) -> dict:
