@@ -93,3 +93,38 @@ def test_a_record_written_before_callbacks_were_compared_still_resumes(tmp_path,
     runs.claim(cfg, tmp_path, {"run": {"settings": older}}, None)  # skipped as completed, not refused
     with pytest.raises(RunDirRefused, match=r"callbacks.early_stopping.patience: None -> 5"):
         runs.claim(cfg, tmp_path, {"run": {"settings": result_config(compose_cfg())}}, None)
+
+
+def test_a_sweep_job_refused_before_it_starts_is_recorded_where_nothing_else_is(tmp_path, compose_cfg):
+    """A sweep's table shows why a job did not run (was: `missing`, as if killed): a refusal is recorded in a folder
+    without a record, a folder's own record is kept, and a folder another process runs in gets nothing."""
+    from tlexp.errors import RunDirBusy, RunDirRefused
+    from tlexp.record import read_record, write_record
+
+    cfg = compose_cfg("model=resnet18")
+    for name, refusal in (("new", RunDirRefused("resuming would change what ...")), ("busy", RunDirBusy("another tlexp-train ..."))):
+        with runs.recorded(cfg, tmp_path / name, True, []):
+            (tmp_path / name).mkdir()
+            raise refusal
+    assert read_record(tmp_path / "new") | {"run_dir": None} == {
+        "status": "failed", "error": "RunDirRefused: resuming would change what ...", "model": "resnet18", "strategy": "blocks_2", "seed": 42,
+        "run_dir": None,
+    }
+    assert not (tmp_path / "busy" / "metrics.json").exists()
+    write_record(tmp_path / "new", {"status": "interrupted", "error": "stopped by SIGTERM; resume with: ..."})
+    with runs.recorded(cfg, tmp_path / "new", True, []):
+        raise RunDirRefused("already holds a run")
+    assert read_record(tmp_path / "new")["status"] == "interrupted"
+
+
+def test_a_job_whose_config_lacks_a_required_value_is_recorded(tmp_path, compose_cfg):
+    """model=timm without model.name, a sweep's second value: a failed record (was: the record's own writer raised
+    MissingMandatoryValue, the job left no record and the multirun ended in a traceback)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from tlexp.record import read_record
+
+    with runs.recorded(compose_cfg("model=timm"), tmp_path, True, []):
+        raise MissingMandatoryValue("Missing mandatory value: model.name")
+    record = read_record(tmp_path)
+    assert (record["status"], record["model"], record["error"]) == ("failed", None, "MissingMandatoryValue: Missing mandatory value: model.name")

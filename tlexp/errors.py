@@ -7,3 +7,7 @@ class TlexpError(Exception):
 
 class RunDirRefused(TlexpError):
     """A run dir that holds another run (or a running one): refused before anything in it changes."""
+
+
+class RunDirBusy(RunDirRefused):
+    """Another process runs in the run dir: nothing there is this one's to write, not even a failed record."""

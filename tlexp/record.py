@@ -126,8 +126,10 @@ def read_record(path: Path) -> dict:
 
 
 def _brief(cfg, run_dir: Path, status: str, error: str) -> dict:
-    return {"status": status, "error": error, "model": cfg.model.name, "strategy": str(cfg.strategy), "seed": cfg.seed,
-            "run_dir": str(run_dir)}
+    """A record without results; a setting left without a value (the failure, perhaps) is null in it."""
+    said = {key: OmegaConf.select(cfg, key, throw_on_missing=False) for key in ("model.name", "strategy", "seed")}
+    return {"status": status, "error": error, "model": said["model.name"], "strategy": None if said["strategy"] is None else str(said["strategy"]),
+            "seed": said["seed"], "run_dir": str(run_dir)}
 
 
 def record_failure(cfg, run_dir: Path, exc: BaseException) -> None:

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils._pytree import tree_leaves
 
 from tlexp.callbacks.run_identity import CHECKPOINT_KEY
-from tlexp.errors import RunDirRefused, TlexpError
+from tlexp.errors import RunDirBusy, RunDirRefused, TlexpError
 from tlexp.record import (
     EXTENDABLE,
     RECORD,
@@ -120,6 +120,8 @@ def recorded(cfg, run_dir: Path, in_sweep: bool, overrides: list[str]):
     try:
         yield
     except RunDirRefused as exc:  # the run dir belongs to another run: its record stays as it is
+        if in_sweep and not isinstance(exc, RunDirBusy) and not (run_dir / RECORD).exists():
+            record_failure(cfg, run_dir, exc)  # the sweep's table says why this job did not run (not "killed")
         _say_once(exc)
         if not in_sweep:
             sys.exit(2)
@@ -263,7 +265,7 @@ def locked(run_dir: Path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            raise RunDirRefused(
+            raise RunDirBusy(
                 f"another tlexp-train (pid {lock.read().strip() or '?'}) is running in {run_dir}: wait for it, "
                 "or give this run another hydra.run.dir"
             ) from None
