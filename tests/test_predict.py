@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,26 @@ def test_a_folder_whose_only_image_is_bad(trained_run, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tmp_path}")
     assert result.returncode == 2 and "none of the 1 file(s) decodes as an image" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_files_that_do_not_decode_keep_their_row_in_the_csv(trained_run, tmp_path):
+    """Was: left out of the CSV silently, so its rows no longer accounted for every file asked for."""
+    tree, run = trained_run
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for source in sorted((tree / "red").glob("*.jpg"))[:2]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "p.csv"
+    result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={folder}", f"csv={out}", "num_workers=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"wrote 4 rows to {out}: 2 predictions, 2 file(s) that do not decode (see the error column)" in result.stdout + result.stderr
+    with open(out) as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["broken.jpg", "empty.png", "img_000.jpg", "img_001.jpg"]
+    for name in ("broken.jpg", "empty.png"):
+        assert rows[name]["error"].startswith("UnidentifiedImageError: cannot identify image file")
+        assert {k: v for k, v in rows[name].items() if k not in ("path", "error")} == dict.fromkeys(["top1", "p1", "top2", "p2", "top3", "p3", "p_blue", "p_green", "p_red"], "")
+    assert rows["img_000.jpg"]["error"] == "" and rows["img_000.jpg"]["top1"] in ("blue", "green", "red")
+    assert float(rows["img_000.jpg"]["p1"]) > 0

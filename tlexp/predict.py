@@ -104,14 +104,21 @@ def predict(
         return torch.cat([module(x.to(device, non_blocking=True)).float().softmax(dim=1).cpu() for x, _ in batches])
 
 
-def write_csv(path: Path, files: list[Path], probs: torch.Tensor, class_names: list[str], top_k: int) -> None:
+def write_csv(
+    path: Path, files: list[Path], probs: torch.Tensor, class_names: list[str], top_k: int, bad: dict[Path, str],
+) -> None:
+    """One row per image, in path order; a file that does not decode keeps its row, empty but for ``error``,
+    so the CSV accounts for every file that was asked for."""
     top = probs.topk(top_k, dim=1)
+    rows = {
+        file: [*[x for v, i in zip(values, indices) for x in (class_names[i], f"{v:.6f}")], *[f"{p:.6f}" for p in row], ""]
+        for file, values, indices, row in zip(files, top.values.tolist(), top.indices.tolist(), probs.tolist())
+    }
+    rows |= {file: [""] * (2 * top_k + len(class_names)) + [why] for file, why in bad.items()}
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", *[c for i in range(top_k) for c in (f"top{i + 1}", f"p{i + 1}")], *[f"p_{n}" for n in class_names]])
-        for file, values, indices, row in zip(files, top.values.tolist(), top.indices.tolist(), probs.tolist()):
-            ranked = [x for v, i in zip(values, indices) for x in (class_names[i], f"{v:.6f}")]
-            writer.writerow([str(file), *ranked, *[f"{p:.6f}" for p in row]])
+        writer.writerow(["path", *[c for i in range(top_k) for c in (f"top{i + 1}", f"p{i + 1}")], *[f"p_{n}" for n in class_names], "error"])
+        writer.writerows([str(file), *rows[file]] for file in sorted(rows))
 
 
 def print_table(files: list[Path], probs: torch.Tensor, class_names: list[str], top_k: int, limit: int) -> None:
@@ -147,8 +154,9 @@ def run(cfg: DictConfig) -> None:
     probs = predict(module, pre, files, cfg.batch_size, cfg.num_workers, precision)
     print_table(files, probs, class_names, top_k, cfg.print_limit)
     if cfg.csv:
-        write_csv(Path(cfg.csv), files, probs, class_names, top_k)
-        log.info("wrote %d predictions to %s", len(files), cfg.csv)
+        write_csv(Path(cfg.csv), files, probs, class_names, top_k, bad)
+        log.info("wrote %d rows to %s: %d predictions, %d file(s) that do not decode (see the error column)",
+                 len(files) + len(bad), cfg.csv, len(files), len(bad))
 
 
 def job(cfg: DictConfig) -> None:
