@@ -54,6 +54,8 @@ def test_one_file_and_a_glob(trained_run):
         (("ckpt=/nonexistent/best.ckpt", "images=."), "no such file"),
         (("images=/nonexistent/*.jpg",), "no image files found"),
         (("images=.", "csv=/nonexistent/folder/p.csv"), "csv=/nonexistent/folder/p.csv: the folder /nonexistent/folder does not exist"),
+        # refused before the checkpoint or any image is read (was: IsADirectoryError after predicting every image)
+        (("ckpt=/nonexistent/best.ckpt", "images=/nonexistent/*.jpg", "csv=tests"), "csv=tests is a folder: give a file name, such as csv=tests/predictions.csv"),
     ],
 )
 def test_bad_input_is_one_clear_error(trained_run, args, message):
@@ -63,6 +65,16 @@ def test_bad_input_is_one_clear_error(trained_run, args, message):
         full.insert(0, f"ckpt={run / 'checkpoints' / 'best.ckpt'}")
     result = predict_cli(*full)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_csv_in_the_home_folder(trained_run, tmp_path, monkeypatch):
+    """Was: csv=~/p.csv passed the folder check, then the write looked for a folder named '~' and failed after predicting."""
+    tree, run = trained_run
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tree / 'red' / 'img_000.jpg'}", "csv='~/p.csv'")  # quoted: Hydra's grammar reads a bare ~ as its delete operator
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "p.csv") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [str(tree / "red" / "img_000.jpg")]
 
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path):

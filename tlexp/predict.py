@@ -135,7 +135,20 @@ def print_table(files: list[Path], probs: torch.Tensor, class_names: list[str], 
         console.print(f"... and {len(files) - limit} more (all of them with csv=<file>)")
 
 
+def csv_destination(setting: str | None) -> Path | None:
+    """The file ``csv=`` names, ``~`` expanded; refused before any image is read, so no prediction is lost."""
+    if not setting:
+        return None
+    path = Path(setting).expanduser()
+    if path.is_dir():
+        raise TlexpError(f"csv={setting} is a folder: give a file name, such as csv={Path(setting) / 'predictions.csv'}")
+    if not path.parent.is_dir():
+        raise TlexpError(f"csv={setting}: the folder {path.parent} does not exist")
+    return path
+
+
 def run(cfg: DictConfig) -> None:
+    out = csv_destination(cfg.csv)
     module, pre, run_precision = load_model(cfg.ckpt)
     precision = run_precision if cfg.precision == "auto" else cfg.precision
     module.to(resolve_device(cfg.device))
@@ -143,8 +156,6 @@ def run(cfg: DictConfig) -> None:
     top_k = min(cfg.top_k, len(class_names))
     if top_k < 1:
         raise TlexpError(f"top_k must be >= 1, got {cfg.top_k}")
-    if cfg.csv and not Path(cfg.csv).expanduser().parent.is_dir():  # before any work that would be lost
-        raise TlexpError(f"csv={cfg.csv}: the folder {Path(cfg.csv).expanduser().parent} does not exist")
     files = list_images(str(cfg.images))
     bad = bad_image_policy(files, cfg.on_bad_image, "on_bad_image", None, cfg.num_workers)
     files = [f for f in files if f not in bad]
@@ -153,10 +164,10 @@ def run(cfg: DictConfig) -> None:
     log.info("serving in %s on %s", precision, module.device)
     probs = predict(module, pre, files, cfg.batch_size, cfg.num_workers, precision)
     print_table(files, probs, class_names, top_k, cfg.print_limit)
-    if cfg.csv:
-        write_csv(Path(cfg.csv), files, probs, class_names, top_k, bad)
+    if out:
+        write_csv(out, files, probs, class_names, top_k, bad)
         log.info("wrote %d rows to %s: %d predictions, %d file(s) that do not decode (see the error column)",
-                 len(files) + len(bad), cfg.csv, len(files), len(bad))
+                 len(files) + len(bad), out, len(files), len(bad))
 
 
 def job(cfg: DictConfig) -> None:
