@@ -67,6 +67,21 @@ def test_bad_input_is_one_clear_error(trained_run, args, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (("top_k=0",), "top_k must be >= 1, got 0"),
+        (("top_k=abc",), "top_k must be an integer, got 'abc'"),
+        (("top_k=2.5", "batch_size=0", "precision=fp16"),
+         "top_k must be an integer, got 2.5; batch_size must be >= 1, got 0; precision must be one of auto, 32-true, bf16-mixed, 16-mixed, got fp16"),
+    ],
+)
+def test_nonsense_settings_are_refused_before_any_work(tmp_path, args, line):
+    """Was: top_k checked after the model was loaded, and top_k=abc a TypeError traceback."""
+    result = predict_cli(f"ckpt={tmp_path / 'best.ckpt'}", f"images={tmp_path}", *args)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"tlexp-predict: error: {line}"]
+
+
 def test_csv_in_the_home_folder(trained_run, tmp_path, monkeypatch):
     """Was: csv=~/p.csv passed the folder check, then the write looked for a folder named '~' and failed after predicting."""
     tree, run = trained_run

@@ -142,11 +142,34 @@ EXPORT_NUMERIC = {
 }
 
 
-def check_export_config(cfg) -> None:
-    """``tlexp-export``'s numbers, before minutes of exporting end in a check no value could pass."""
+PREDICT_NUMERIC = {
+    "top_k": (INT, 1, None, False),
+    "batch_size": (INT, 1, None, False),
+    "num_workers": (INT, 0, None, False),
+    "print_limit": (INT, 0, None, False),
+}
+PREDICT_CHOICES = {"on_bad_image": ("skip", "error"), "precision": ("auto", "32-true", "bf16-mixed", "16-mixed")}
+
+
+def _tool_problems(cfg, numeric: dict, choices: dict) -> None:
     problems = [
-        p for key, rule in EXPORT_NUMERIC.items()
+        p for key, rule in numeric.items()
         if (p := _numeric_problem(key, OmegaConf.select(cfg, key), *rule)) is not None
+    ]
+    problems += [
+        f"{key} must be one of {', '.join(allowed)}, got {OmegaConf.select(cfg, key)}"
+        for key, allowed in choices.items()
+        if OmegaConf.select(cfg, key) not in allowed
     ]
     if problems:
         raise TlexpError("; ".join(problems))
+
+
+def check_export_config(cfg) -> None:
+    """``tlexp-export``'s numbers, before minutes of exporting end in a check no value could pass."""
+    _tool_problems(cfg, EXPORT_NUMERIC, {})
+
+
+def check_predict_config(cfg) -> None:
+    """``tlexp-predict``'s numbers and choices, before the checkpoint or any image is read."""
+    _tool_problems(cfg, PREDICT_NUMERIC, PREDICT_CHOICES)

@@ -23,6 +23,7 @@ from rich.progress import track
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from tlexp.config import check_predict_config
 from tlexp.data.datamodule import ImageListDataset
 from tlexp.data.files import IMAGE_EXTENSIONS, Sample
 from tlexp.data.images import bad_image_policy
@@ -148,14 +149,13 @@ def csv_destination(setting: str | None) -> Path | None:
 
 
 def run(cfg: DictConfig) -> None:
+    check_predict_config(cfg)
     out = csv_destination(cfg.csv)
     module, pre, run_precision = load_model(cfg.ckpt)
     precision = run_precision if cfg.precision == "auto" else cfg.precision
     module.to(resolve_device(cfg.device))
     class_names = module.hparams.class_names
     top_k = min(cfg.top_k, len(class_names))
-    if top_k < 1:
-        raise TlexpError(f"top_k must be >= 1, got {cfg.top_k}")
     files = list_images(str(cfg.images))
     bad = bad_image_policy(files, cfg.on_bad_image, "on_bad_image", None, cfg.num_workers)
     files = [f for f in files if f not in bad]
