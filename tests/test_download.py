@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +107,50 @@ def test_tlexp_train_refuses_a_mistyped_tf_flowers_root_in_one_line(tmp_path, ar
         "data.root there (or, for a folder of class sub-folders you already have, data=imagefolder data.root=<it>)"
     )
     assert not typo.parent.exists() and read_metrics(tmp_path / "run")["status"] == "failed"
+
+
+def _add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = 0 if kind != tarfile.REGTYPE else 4
+    tar.addfile(info, io.BytesIO(b"evil") if kind == tarfile.REGTYPE else None)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "link", "what"),
+    [
+        ("flower_photos/../../evil.txt", tarfile.REGTYPE, "", "a file or folder"),
+        ("/tmp/tlexp_evil.txt", tarfile.REGTYPE, "", "a file or folder"),
+        ("flower_photos/daisy/out", tarfile.SYMTYPE, "/tmp", "a link to '/tmp'"),
+        ("flower_photos/daisy/up", tarfile.SYMTYPE, "../..", "a link to '../..'"),
+        ("flower_photos/daisy/hard", tarfile.LNKTYPE, "../evil.txt", "a link to '../evil.txt'"),
+        ("flower_photos/daisy/null", tarfile.CHRTYPE, "", "a device or pipe"),
+    ],
+    ids=["dotdot_path", "absolute_path", "symlink_out", "symlink_up", "hardlink_out", "device"],
+)
+@pytest.mark.parametrize("python_has_filter", [True, False], ids=["filter", "no_filter"])
+def test_an_archive_that_writes_outside_its_folder_is_refused(tmp_path, archive, monkeypatch, name, kind, link, what, python_has_filter):
+    """filter="data" is Python >= 3.10.12 / 3.11.4 only (requires-python is >= 3.10: was a TypeError on
+    older ones); members are checked on every Python, and a good archive extracts without the keyword."""
+    if not python_has_filter:  # as on Python 3.10.11: no data_filter, and extractall takes no filter=
+        monkeypatch.delattr(tarfile, "data_filter")
+        extractall = tarfile.TarFile.extractall
+        monkeypatch.setattr(tarfile.TarFile, "extractall", lambda self, path=".", members=None, *, numeric_owner=False:
+                            extractall(self, path, members, numeric_owner=numeric_owner))
+        good = tmp_path / "good" / "flower_photos"
+        download_and_extract(archive.as_uri(), file_digest(archive), good)
+        assert sorted(p.name for p in good.iterdir()) == ["daisy", "roses"] and len(list((good / "roses").iterdir())) == 3
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(archive) as source, tarfile.open(evil, "w:gz") as tar:
+        for member in source.getmembers():
+            tar.addfile(member, source.extractfile(member) if member.isfile() else None)
+        _add(tar, name, kind, link)
+    root = tmp_path / "cache" / "flower_photos"
+    with pytest.raises(TlexpError) as refused:
+        download_and_extract(evil.as_uri(), file_digest(evil), root)
+    assert str(refused.value) == (
+        f"{root.parent / 'evil.tgz'} is refused, nothing extracted: its member {name!r} ({what}) could write outside the folder "
+        "it is extracted to. Check data.url, or extract it yourself and point data.root at the folder"
+    )
+    assert not root.exists() and sorted(p.name for p in root.parent.iterdir()) == ["evil.tgz"]
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "cache" / "evil.txt").exists() and not Path("/tmp/tlexp_evil.txt").exists()

@@ -9,7 +9,7 @@ import tarfile
 import tempfile
 import urllib.request
 from contextlib import ExitStack
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from rich.progress import Progress
 
@@ -71,7 +71,8 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=parent))
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter="data")
+            # filter="data" (Python >= 3.10.12 / 3.11.4) also drops permission bits such as setuid
+            tar.extractall(staging, _checked_members(tar, archive), **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         extracted = staging / root.name
         if not extracted.is_dir():
             raise TlexpError(f"{archive} has no top-level folder '{root.name}'; set data.root to match the archive")
@@ -79,3 +80,20 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("extracted %s to %s", archive, root)
+
+
+def _checked_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """Its members, once none can be written outside the folder it is extracted to: no absolute path and
+    no ``..`` in a name or a link's target (links then point down into the tree only), and nothing but
+    files, folders and links. ``filter="data"`` checks this only from Python 3.10.12 / 3.11.4 on."""
+    members = tar.getmembers()
+    for member in members:
+        link = member.issym() or member.islnk()
+        paths = [PurePosixPath(n) for n in ([member.name, member.linkname] if link else [member.name])]
+        if any(p.is_absolute() or ".." in p.parts for p in paths) or not (member.isfile() or member.isdir() or link):
+            what = f"a link to {member.linkname!r}" if link else "a file or folder" if member.isfile() or member.isdir() else "a device or pipe"
+            raise TlexpError(
+                f"{archive} is refused, nothing extracted: its member {member.name!r} ({what}) could write outside "
+                "the folder it is extracted to. Check data.url, or extract it yourself and point data.root at the folder"
+            )
+    return members
