@@ -154,3 +154,25 @@ def test_an_archive_that_writes_outside_its_folder_is_refused(tmp_path, archive,
     )
     assert not root.exists() and sorted(p.name for p in root.parent.iterdir()) == ["evil.tgz"]
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "cache" / "evil.txt").exists() and not Path("/tmp/tlexp_evil.txt").exists()
+
+
+@pytest.mark.parametrize("content", ["error_page", "cut_download"])
+def test_an_archive_that_does_not_read_is_one_line_and_removed(tmp_path, archive, content):
+    """With data.sha256 unset, a mirror's error page or a cut download: was a tarfile.ReadError traceback,
+    and the file stayed, so every later run failed the same way without downloading again."""
+    bad = tmp_path / "served" / "flower_photos.tgz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"<html>404 Not Found</html>" if content == "error_page" else archive.read_bytes()[: archive.stat().st_size // 2])
+    root = tmp_path / "cache" / "flower_photos"
+    with pytest.raises(TlexpError, match=f"^{root.parent / 'flower_photos.tgz'} is not a readable .tgz archive .*: removed it; run again to download it again$"):
+        download_and_extract(bad.as_uri(), None, root)
+    assert list(root.parent.iterdir()) == []
+    bad.write_bytes(archive.read_bytes())  # the mirror is mended: the next run downloads and extracts
+    download_and_extract(bad.as_uri(), None, root)
+    assert sorted(p.name for p in root.iterdir()) == ["daisy", "roses"]
+
+
+def test_a_url_without_a_scheme_is_one_line(tmp_path):
+    """Was: ValueError: unknown url type: 'flower_photos.tgz' (a traceback)."""
+    with pytest.raises(TlexpError, match=r"^could not download flower_photos.tgz \(unknown url type: 'flower_photos.tgz'\)"):
+        download_and_extract("flower_photos.tgz", None, tmp_path / "cache" / "flower_photos")

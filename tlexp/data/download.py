@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 
@@ -58,7 +60,7 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
         log.info("downloading %s to %s", url, archive)
         try:
             _fetch(url, part)
-        except OSError as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a URL without a scheme
             part.unlink(missing_ok=True)
             raise TlexpError(
                 f"could not download {url} ({exc}). Offline? Copy the extracted data set to {root} "
@@ -70,9 +72,14 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
         os.replace(part, archive)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=parent))
     try:
-        with tarfile.open(archive) as tar:
-            # filter="data" (Python >= 3.10.12 / 3.11.4) also drops permission bits such as setuid
-            tar.extractall(staging, _checked_members(tar, archive), **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        try:
+            with tarfile.open(archive) as tar:
+                # filter="data" (Python >= 3.10.12 / 3.11.4) also drops permission bits such as setuid
+                tar.extractall(staging, _checked_members(tar, archive), **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        except (tarfile.TarError, EOFError, zlib.error) as exc:  # an error page or a cut download, with data.sha256 unset
+            archive.unlink()  # else every later run would find it and fail the same way
+            why = " ".join(str(exc).split())  # tarfile lists each compression it tried, a line each
+            raise TlexpError(f"{archive} is not a readable .tgz archive ({why}): removed it; run again to download it again") from exc
         extracted = staging / root.name
         if not extracted.is_dir():
             raise TlexpError(f"{archive} has no top-level folder '{root.name}'; set data.root to match the archive")
