@@ -62,6 +62,25 @@ def test_nonsense_numbers_are_refused_before_exporting(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_out_that_is_a_file_is_refused_before_exporting(tmp_path):
+    """Was: FileExistsError traceback, after the checkpoint was loaded and the images read."""
+    (tmp_path / "out").write_text("a file")
+    result = run_module("tlexp.export", f"ckpt={tmp_path / 'best.ckpt'}", f"out={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"tlexp-export: error: out={tmp_path / 'out'} is a file: give a folder for the exported files"]
+
+
+def test_paths_in_the_home_folder(trained_run, tmp_path, monkeypatch):
+    """Was: ckpt=~/... 'no such file', and out=~/exp made a folder named '~' in the working directory."""
+    _, run = trained_run
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").symlink_to(run)
+    result = run_module("tlexp.export", "ckpt='~/run/checkpoints/best.ckpt'", "out='~/exp'", "formats=[torchscript]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "exp" / "model.json").read_text())["exports"]["torchscript"]["max_abs_prob_diff"] < 1e-4
+    assert not (Path(__file__).resolve().parent.parent / "~").exists()
+
+
 def test_export_without_images_to_check_is_refused(tmp_path, trained_run):
     _, run = trained_run
     lonely = tmp_path / "best.ckpt"

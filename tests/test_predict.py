@@ -82,14 +82,17 @@ def test_nonsense_settings_are_refused_before_any_work(tmp_path, args, line):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"tlexp-predict: error: {line}"]
 
 
-def test_csv_in_the_home_folder(trained_run, tmp_path, monkeypatch):
-    """Was: csv=~/p.csv passed the folder check, then the write looked for a folder named '~' and failed after predicting."""
+def test_paths_in_the_home_folder(trained_run, tmp_path, monkeypatch):
+    """~ in ckpt=, a glob and csv= (quoted: Hydra's grammar reads a bare ~ as its delete operator). Was: ckpt=~/...
+    'no such file', a glob 'no image files found', and csv=~/p.csv written to a folder named '~' that did not exist."""
     tree, run = trained_run
     monkeypatch.setenv("HOME", str(tmp_path))
-    result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tree / 'red' / 'img_000.jpg'}", "csv='~/p.csv'")  # quoted: Hydra's grammar reads a bare ~ as its delete operator
+    (tmp_path / "run").symlink_to(run)
+    (tmp_path / "images").symlink_to(tree)
+    result = predict_cli("ckpt='~/run/checkpoints/best.ckpt'", "images='~/images/red/img_00*.jpg'", "csv='~/p.csv'", "num_workers=0")
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "p.csv") as f:
-        assert [r["path"] for r in csv.DictReader(f)] == [str(tree / "red" / "img_000.jpg")]
+        assert [r["path"] for r in csv.DictReader(f)] == [str(tmp_path / "images" / "red" / f"img_00{i}.jpg") for i in range(10)]
 
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path):

@@ -51,7 +51,10 @@ def _images_of_run(ckpt: Path) -> list[Path]:
 
 def export(cfg: DictConfig) -> dict:
     check_export_config(cfg)
-    ckpt = Path(cfg.ckpt)
+    ckpt = Path(cfg.ckpt).expanduser()
+    out = Path(cfg.out).expanduser() if cfg.out else ckpt.resolve().parent.parent / "export"
+    if out.exists() and not out.is_dir():
+        raise TlexpError(f"out={cfg.out} is a file: give a folder for the exported files")
     # NCHW: torch.export cannot take a dynamic batch in channels_last
     module, pre, _ = load_model(str(ckpt), channels_last=False)
     model = nn.Sequential(module.backbone, module.head).eval()
@@ -66,7 +69,6 @@ def export(cfg: DictConfig) -> dict:
         raise TlexpError(f"none of the {len(bad)} image file(s) to verify the export on decodes: pass images=<good images>")
     transform = eval_transform(pre)
     batch = torch.stack([transform(load_rgb(f)) for f in files])
-    out = Path(cfg.out) if cfg.out else ckpt.resolve().parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         reference = model(batch).softmax(dim=1)

@@ -43,11 +43,12 @@ class Served(NamedTuple):
 
 def load_model(path: str, channels_last: bool | None = None) -> Served:
     """The trained model in eval mode, from a tlexp checkpoint; ``channels_last=None``: the run's layout."""
-    if not Path(path).is_file():
+    file = Path(path).expanduser()
+    if not file.is_file():
         raise TlexpError(f"ckpt={path}: no such file (use <run dir>/checkpoints/best.ckpt)")
-    verify_checkpoint(Path(path))
+    verify_checkpoint(file)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
         hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
     except Exception as exc:  # any unreadable file gets the same advice
         raise TlexpError(f"ckpt={path} is not a readable tlexp checkpoint ({type(exc).__name__}: {exc})") from exc
@@ -66,7 +67,7 @@ def list_images(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
-    candidates = path.rglob("*") if path.is_dir() else (Path(p) for p in glob.glob(spec, recursive=True))
+    candidates = path.rglob("*") if path.is_dir() else (Path(p) for p in glob.glob(str(path), recursive=True))
     files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not files:
         raise TlexpError(f"images={spec}: no image files found (give a file, a folder or a quoted glob like 'photos/*.jpg')")
