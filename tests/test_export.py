@@ -60,6 +60,15 @@ def test_nonsense_numbers_are_refused_before_exporting(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == ["tlexp-export: error: tolerance must be >= 0.0, got -1; speed.repeats must be >= 1, got 0"]
     assert not (tmp_path / "out").exists()
+    # was: formats=[tflite] exported nothing and wrote model.json, speed.runtime=fast compiled (20-50 s)
+    result = run_module("tlexp.export", f"ckpt={tmp_path / 'best.ckpt'}", f"out={tmp_path / 'out'}", "formats=[onnx,tflite]", "speed.runtime=fast")
+    assert result.stderr.strip().splitlines() == [(
+        "tlexp-export: error: speed.runtime must be one of auto, eager, torchscript, compile, cudagraph, got fast; "
+        "formats must be a non-empty list of onnx, torchscript, got ['onnx', 'tflite']"
+    )]
+    assert run_module("tlexp.export", f"ckpt={tmp_path / 'best.ckpt'}", "formats=[]").stderr.strip().splitlines() == [
+        "tlexp-export: error: formats must be a non-empty list of onnx, torchscript, got []"
+    ]
 
 
 def test_out_that_is_a_file_is_refused_before_exporting(tmp_path):

@@ -140,6 +140,7 @@ EXPORT_NUMERIC = {
     "speed.warmup": (INT, 0, None, False),
     "speed.repeats": (INT, 1, None, False),
 }
+EXPORT_FORMATS = ("onnx", "torchscript")
 
 
 PREDICT_NUMERIC = {
@@ -151,25 +152,31 @@ PREDICT_NUMERIC = {
 PREDICT_CHOICES = {"on_bad_image": ("skip", "error"), "precision": ("auto", "32-true", "bf16-mixed", "16-mixed")}
 
 
-def _tool_problems(cfg, numeric: dict, choices: dict) -> None:
+def _tool_problems(cfg, numeric: dict, choices: dict) -> list[str]:
     problems = [
         p for key, rule in numeric.items()
         if (p := _numeric_problem(key, OmegaConf.select(cfg, key), *rule)) is not None
     ]
-    problems += [
+    return problems + [
         f"{key} must be one of {', '.join(allowed)}, got {OmegaConf.select(cfg, key)}"
         for key, allowed in choices.items()
         if OmegaConf.select(cfg, key) not in allowed
     ]
+
+
+def check_export_config(cfg) -> None:
+    """``tlexp-export``'s numbers and names, before minutes of exporting end in a check no value could pass
+    (or, for a misspelt format or runtime, in no file at all or a runtime not asked for)."""
+    formats = OmegaConf.select(cfg, "formats")
+    formats = list(formats) if OmegaConf.is_list(formats) else [formats]
+    problems = _tool_problems(cfg, EXPORT_NUMERIC, {"speed.runtime": RUNTIMES})
+    if not formats or any(f not in EXPORT_FORMATS for f in formats):
+        problems.append(f"formats must be a non-empty list of {', '.join(EXPORT_FORMATS)}, got {formats}")
     if problems:
         raise TlexpError("; ".join(problems))
 
 
-def check_export_config(cfg) -> None:
-    """``tlexp-export``'s numbers, before minutes of exporting end in a check no value could pass."""
-    _tool_problems(cfg, EXPORT_NUMERIC, {})
-
-
 def check_predict_config(cfg) -> None:
     """``tlexp-predict``'s numbers and choices, before the checkpoint or any image is read."""
-    _tool_problems(cfg, PREDICT_NUMERIC, PREDICT_CHOICES)
+    if problems := _tool_problems(cfg, PREDICT_NUMERIC, PREDICT_CHOICES):
+        raise TlexpError("; ".join(problems))
