@@ -262,3 +262,13 @@ def test_the_best_trial_skips_files_that_are_no_record(tmp_path):
         (tmp_path / f"{i}_trial").mkdir()
         (tmp_path / f"{i}_trial" / "metrics.json").write_text(text)
     assert best_job(tmp_path)["job_dir"] == str(tmp_path / "0_trial")
+
+
+def test_the_sweeps_closing_line_is_a_command_to_paste(capsys):
+    from omegaconf import OmegaConf
+
+    from tlexp.report.sweep_hint import PointAtTable
+
+    PointAtTable().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "/data/my runs/lr sweep"}}}))
+    assert capsys.readouterr().out == "sweep done; its table and plots: tlexp-table '/data/my runs/lr sweep' --print\n"
+
