@@ -272,3 +272,13 @@ def test_the_sweeps_closing_line_is_a_command_to_paste(capsys):
     PointAtTable().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "/data/my runs/lr sweep"}}}))
     assert capsys.readouterr().out == "sweep done; its table and plots: tlexp-table '/data/my runs/lr sweep' --print\n"
 
+
+def test_the_best_trial_leaves_out_an_unreadable_record(tmp_path, caplog):
+    """An empty metrics.json (a full disk) is a warning, not a traceback at the end of the sweep (best_config.yaml unwritten)."""
+    from tlexp.report.best_trial import best_job
+
+    for job, text in (("0_a", json.dumps({"status": "completed", "val_acc": 0.5})), ("1_b", "")):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "metrics.json").write_text(text)
+    assert best_job(tmp_path)["job_dir"] == str(tmp_path / "0_a")
+    assert f"{tmp_path / '1_b' / 'metrics.json'} is not valid JSON" in caplog.text

@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tlexp.record import RECORD, read_record
+from tlexp.record import RECORD, NotARecord, read_record
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,11 @@ def best_job(sweep_dir: Path) -> dict | None:
     for metrics_file in jobs:  # in job order, so a tie goes to the earliest trial, as Optuna's best_trial does
         try:
             metrics = read_record(metrics_file)
-        except ValueError:  # half-written, or another tool's file: no trial of this search
+        except NotARecord as exc:  # another tool's file: no trial of this search
+            log.warning("%s: left out of the best trial", exc)
+            continue
+        except ValueError as exc:  # empty or half-written (tlexp-table names it): the best is among the others
+            log.warning("%s is not valid JSON (%s): left out of the best trial", metrics_file, exc)
             continue
         scored = metrics.get("status") == "completed" and metrics.get("val_acc") is not None
         if scored and (best is None or metrics["val_acc"] > best["val_acc"]):
