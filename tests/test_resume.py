@@ -91,6 +91,19 @@ def test_killed_anywhere_then_resumed_matches_uninterrupted(tmp_path, tree, unin
         assert "phase B from epoch 2" in resumed_log and "phase A" not in resumed_log
 
 
+def test_a_resume_killed_before_it_logs_keeps_the_csv_of_the_epochs_before(tmp_path, tree, uninterrupted):
+    """Pre-empted again before its first epoch ended (a requeued job): csv/metrics.csv still holds epochs 0-2
+    (was: deleted as the resumed run started, so the final file began at epoch 3)."""
+    schedule = (*SCHEDULE, "perf=fast", "data.num_workers=0")
+    broken = tmp_path / "broken"
+    resume = f"ckpt_path={broken / 'checkpoints' / 'last.ckpt'}"
+    for ckpt in ([], [resume]):  # killed at epoch 3's start, then resumed and killed there again
+        assert train(broken, tree, *schedule, *KILL_POINTS["mid_phase_b"], *ckpt, check=False).returncode == -signal.SIGKILL
+    assert [e for e, _, _ in _csv_epochs(broken)] == ["0", "1", "2"]
+    train(broken, tree, *schedule, resume)
+    _assert_same_run(broken, uninterrupted("fast", 0))
+
+
 @pytest.mark.parametrize("kill_point", ["phase_switch", "mid_phase_b"])
 def test_resumed_in_phase_b_the_sanity_check_sees_phase_b(tmp_path, tree, uninterrupted, kill_point):
     """Lightning validates a few batches before the first resumed epoch; the cache serves them for the

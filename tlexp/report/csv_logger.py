@@ -1,8 +1,9 @@
 """Lightning's CSVLogger, keeping the epochs before a resume point in ``csv/metrics.csv``.
 
 Lightning's writer deletes an existing ``metrics.csv`` when it starts, so a resumed run's file
-began at the resume point. This one reads the old rows first and, at its first save, puts back
-those of the epochs before the first epoch it logs (a killed epoch's rows are logged again).
+began at the resume point. This one reads the old rows first and, at its first save, replaces the
+file with those of the epochs before the first epoch it logs (a killed epoch's rows are logged
+again) and its own; until then the old file stays as it was, for a run killed again before that.
 """
 
 from __future__ import annotations
@@ -16,18 +17,18 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 
 class _KeepingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:  # instead of Lightning's "will be deleted" warning
-        self._earlier: list[dict] = []
+    def _check_log_dir_exists(self) -> None:  # instead of Lightning's "will be deleted" warning and deletion
+        self._earlier: list[dict] | None = None
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
                 self._earlier = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-            os.remove(self.metrics_file_path)
 
     def save(self) -> None:
         epochs = [float(m["epoch"]) for m in self.metrics if "epoch" in m]
-        if self._earlier and epochs:
+        if self._earlier is not None and epochs:
             self.metrics = [r for r in self._earlier if "epoch" in r and float(r["epoch"]) < min(epochs)] + self.metrics
-            self._earlier = []
+            self._earlier = None
+            os.remove(self.metrics_file_path)  # written whole again just below
         super().save()
 
 
