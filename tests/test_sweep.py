@@ -282,3 +282,16 @@ def test_the_best_trial_leaves_out_an_unreadable_record(tmp_path, caplog):
         (tmp_path / job / "metrics.json").write_text(text)
     assert best_job(tmp_path)["job_dir"] == str(tmp_path / "0_a")
     assert f"{tmp_path / '1_b' / 'metrics.json'} is not valid JSON" in caplog.text
+
+
+def test_compare_with_a_reference_of_seed_repeats_meets_the_repeat_of_our_seed(tmp_path, capsys):
+    """The reference ran seeds 42 and 43 of each row, this sweep seed 42: each row meets the reference's seed 42
+    (was: '2 reference rows ...: not compared', exit 2)."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    reference = tmp_path / "ref.csv"
+    reference.write_text("Model,Strategy,optim.lr,Seed,Test Accuracy\n"
+                         "resnet18,frozen,0.001,42,80.00%\nresnet18,frozen,0.001,43,60.00%\nresnet18,frozen,0.01,43,70.00%\n")
+    assert table_main([str(sweep), "--compare", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "| Model | Strategy | optim.lr | Seed | Δ Test Accuracy |" in out and "| resnet18 | frozen | 0.001 | 42 | +1.23 pt |" in out
+    assert "| resnet18 | frozen | 0.01 | 42 | no reference row with Model=resnet18, Strategy=frozen, optim.lr=0.01, Seed=42 |" in out

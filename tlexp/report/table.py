@@ -283,7 +283,7 @@ def compare(rows: list[dict], reference: list[dict], name: Path) -> str:
     """Per-row differences (ours − reference), one line per row of the sweep.
 
     A row is matched on Model, Strategy and each setting the reference has as a column (``optim.lr``:
-    a sweep's table.csv has its swept settings; Seed too when both have several seeds): a setting
+    a sweep's table.csv has its swept settings; Seed too when either has several seeds): a setting
     this sweep sweeps is shown with its value; one it does not sweep (a reference over several
     learning rates, ours at one) is matched on the value each job ran with (its override, else its
     config) and shown as the reference's cell it matched. A row with no reference row, or with
@@ -295,13 +295,14 @@ def compare(rows: list[dict], reference: list[dict], name: Path) -> str:
     done = [r for r in rows if r.get("status") == "completed"]
     sweeps = swept(rows)
     fixed = [h for h in header if h not in NOT_SETTINGS and h not in sweeps and any(_setting(r, h) is not None for r in done)]
-    seeds = ["Seed"] if "Seed" in header and len({r.get("seed") for r in done}) > 1 else []
+    several_seeds = len({r.get("seed") for r in done}) > 1 or len({_norm(r.get("Seed")) for r in reference}) > 1
+    seeds = ["Seed"] if "Seed" in header and several_seeds else []
     settings = [*(key for key in sweeps if key in header), *fixed]
     numeric = [(h, key, kind) for h, key, kind in COLUMNS if kind in COMPARED and h in header]
     accuracies = [r[h] for r in reference for h, _, kind in numeric if kind == "pct" and _number(r[h]) is not None]
     fractions = not any("%" in text for text in accuracies) and all(_number(text) <= 1 for text in accuracies)
-    lines = ["| " + " | ".join(["Model", "Strategy", *sweeps, *(f"{h} (reference)" for h in fixed), *(f"Δ {h}" for h, _, _ in numeric)]) + " |",
-             "|---|---|" + "---|" * (len(sweeps) + len(fixed)) + "---:|" * len(numeric)]
+    lines = ["| " + " | ".join(["Model", "Strategy", *sweeps, *(f"{h} (reference)" for h in fixed), *seeds, *(f"Δ {h}" for h, _, _ in numeric)]) + " |",
+             "|---|---|" + "---|" * (len(sweeps) + len(fixed) + len(seeds)) + "---:|" * len(numeric)]
     matched = 0
     for row in rows:
         ours = {"Model": {_norm(row.get("model"))}, "Strategy": {_norm(row.get("strategy"))},
@@ -317,7 +318,7 @@ def compare(rows: list[dict], reference: list[dict], name: Path) -> str:
             matched += 1
             cells = [_delta(row.get(key), _number(found[0].get(h)), kind, fractions) for h, key, kind in numeric]
         head = [_fmt(_cell(row, key), "text") for key in ("model", "strategy", *(f"swept:{k}" for k in sweeps))]
-        head += [found[0][h] if len(found) == 1 else "—" for h in fixed]
+        head += [found[0][h] if len(found) == 1 else "—" for h in fixed] + [_fmt(row.get("seed"), "text") for _ in seeds]
         lines.append("| " + " | ".join(head + cells + [""] * (len(numeric) - len(cells))) + " |")
     if not matched:
         raise TlexpError(f"no completed row of the sweep matches a row of {name} on {', '.join(['Model', 'Strategy', *settings, *seeds])}")
