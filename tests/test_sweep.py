@@ -295,3 +295,14 @@ def test_compare_with_a_reference_of_seed_repeats_meets_the_repeat_of_our_seed(t
     out = capsys.readouterr().out
     assert "| Model | Strategy | optim.lr | Seed | Δ Test Accuracy |" in out and "| resnet18 | frozen | 0.001 | 42 | +1.23 pt |" in out
     assert "| resnet18 | frozen | 0.01 | 42 | no reference row with Model=resnet18, Strategy=frozen, optim.lr=0.01, Seed=42 |" in out
+
+
+def test_the_table_says_interrupted_not_failed(tmp_path, capsys):
+    """A pre-empted job resumes with resume=true: its row and the closing line call it interrupted (was: FAILED, '1 failed')."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    (sweep / "1_resnet18_frozen" / "metrics.json").write_text(json.dumps(
+        {"status": "interrupted", "model": "resnet18", "strategy": "frozen", "seed": 42,
+         "error": "stopped by SIGTERM; resume with: tlexp-train strategy=frozen resume=true"}))
+    assert table_main([str(sweep)]) == 0
+    assert "| INTERRUPTED: stopped by SIGTERM; resume with: tlexp-train strategy=frozen resume=true |" in (sweep / "table.md").read_text()
+    assert capsys.readouterr().out.startswith("2 rows (1 interrupted) → ")

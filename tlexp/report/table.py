@@ -6,6 +6,7 @@ import argparse
 import csv
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -135,7 +136,8 @@ def formatted(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[list[s
         if row.get("status") != "completed":
             cells = [_fmt(_cell(row, key), kind) if key in ("model", "strategy", "seed") or key.startswith("swept:") else ""
                      for _, key, kind in cols]
-            cells[first_metric] = f"FAILED: {row.get('error', 'unknown error')}".replace("|", "/").splitlines()[0][:120]
+            status = str(row.get("status")).upper()  # FAILED, or INTERRUPTED (resumable), MISSING, MISMATCH, UNREADABLE
+            cells[first_metric] = f"{status}: {row.get('error', 'unknown error')}".replace("|", "/").splitlines()[0][:120]
             out.append(cells)
         else:
             out.append([_fmt(_cell(row, key), kind) for _, key, kind in cols])
@@ -398,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     except TlexpError as exc:
         print(f"tlexp-table: error: {exc}", file=sys.stderr)
         return 2
-    failed = sum(r.get("status") != "completed" for r in rows)
-    print(f"{len(rows)} rows ({failed} failed) → {args.sweep_dir}/: {', '.join(written)}")
+    statuses = Counter(r.get("status") for r in rows if r.get("status") != "completed")
+    print(f"{len(rows)} rows ({', '.join(f'{n} {s}' for s, n in statuses.items()) or '0 failed'}) → {args.sweep_dir}/: {', '.join(written)}")
     return 0
 
 
