@@ -306,3 +306,13 @@ def test_the_table_says_interrupted_not_failed(tmp_path, capsys):
     assert table_main([str(sweep)]) == 0
     assert "| INTERRUPTED: stopped by SIGTERM; resume with: tlexp-train strategy=frozen resume=true |" in (sweep / "table.md").read_text()
     assert capsys.readouterr().out.startswith("2 rows (1 interrupted) → ")
+
+
+def test_sort_puts_a_diverged_runs_nan_last(tmp_path):
+    """--sort val_loss with a NaN loss: the others in order, the NaN row last (was: [0.5, nan, 0.3, 0.4] left unsorted)."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", [*LR_X_STRATEGY, ("full", "0.1", 0.2, 4.5)])
+    for job, loss in zip(sorted(sweep.iterdir()), (0.5, float("nan"), 0.3, 0.4, 0.6)):
+        record = json.loads((job / "metrics.json").read_text())
+        (job / "metrics.json").write_text(json.dumps(record | {"val_loss": loss}))
+    assert table_main([str(sweep), "--sort", "val_loss"]) == 0
+    assert [r["Validation Loss"] for r in _table_rows(sweep)] == ["0.3", "0.4", "0.5", "0.6", "nan"]

@@ -377,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = read_reference(args.compare) if args.compare else None
         rows = load_rows(args.sweep_dir)
         if args.sort != "none":
-            known = sorted((r for r in rows if r.get(args.sort) is not None), key=lambda r: r[args.sort], reverse=args.descending)
-            rows = known + [r for r in rows if r.get(args.sort) is None]
+            # None and NaN (a diverged run's loss, which compares false with everything) go last, else the order breaks
+            known = [r for r in rows if r.get(args.sort) is not None and r[args.sort] == r[args.sort]]
+            rows = sorted(known, key=lambda r: r[args.sort], reverse=args.descending) + [r for r in rows if r not in known]
         table = markdown(rows)
         (args.sweep_dir / "table.md").write_text(table)
         write_csv(rows, args.sweep_dir / "table.csv")
