@@ -150,7 +150,7 @@ def _hand_made_sweep(sweep, jobs, lr_overridden=True):
         (job / "metrics.json").write_text(json.dumps(
             {"status": "completed", "model": "resnet18", "strategy": strategy, "train_acc": acc + 0.05, "val_acc": acc - 0.01,
              "test_acc": acc, "trainable_params": 1539 * (i + 1), "ms_per_image": ms, "seed": 42, "test_f1_macro": acc - 0.02,
-             "total_params": 11_178_051, "run": {"hydra_files": {"config.yaml": f"optim:\n  lr: {lr}\nseed: 42\n"}}}))
+             "total_params": 11_178_051, "lr": float(lr), "run": {"hydra_files": {"config.yaml": f"optim:\n  lr: {lr}\nseed: 42\n"}}}))
     return sweep
 
 
@@ -316,3 +316,18 @@ def test_sort_puts_a_diverged_runs_nan_last(tmp_path):
         (job / "metrics.json").write_text(json.dumps(record | {"val_loss": loss}))
     assert table_main([str(sweep), "--sort", "val_loss"]) == 0
     assert [r["Validation Loss"] for r in _table_rows(sweep)] == ["0.3", "0.4", "0.5", "0.6", "nan"]
+
+
+def test_best_config_is_the_config_the_best_record_was_computed_with(tmp_path):
+    """A job folder whose .hydra/config.yaml changed after it recorded (tlexp-table: a mismatch row): best_config.yaml
+    is the record's config (was: the changed file, a config that did not give that accuracy)."""
+    from omegaconf import OmegaConf
+
+    from tlexp.report.best_trial import WriteBestTrial
+
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    best = sweep / "0_resnet18_frozen"
+    (best / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.5\nseed: 42\n")
+    WriteBestTrial().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert (sweep / "best_config.yaml").read_text() == "optim:\n  lr: 0.001\nseed: 42\n"
+    assert json.loads((sweep / "best_trial.json").read_text())["job_dir"] == str(best)

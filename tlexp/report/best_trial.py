@@ -46,7 +46,12 @@ class WriteBestTrial(Callback):
             log.warning("no completed job in %s: no best trial to write", sweep_dir)
             return
         job_dir = Path(best["job_dir"])
-        shutil.copyfile(job_dir / ".hydra" / "config.yaml", sweep_dir / "best_config.yaml")
+        # the config the record was computed with, which the record holds: the job folder's may have changed since
+        saved = best.get("run", {}).get("hydra_files", {}).get("config.yaml")
+        if saved is None:
+            shutil.copyfile(job_dir / ".hydra" / "config.yaml", sweep_dir / "best_config.yaml")
+        else:
+            (sweep_dir / "best_config.yaml").write_text(saved)
         overrides = OmegaConf.to_container(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
         summary = {k: best[k] for k in ("job_dir", "val_acc", "test_acc", "strategy", "lr")}
         (sweep_dir / "best_trial.json").write_text(json.dumps({**summary, "overrides": overrides}, indent=2))
