@@ -8,16 +8,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tests.conftest import make_image_tree
 from tlexp.data.datamodule import ImageDataModule
-from tlexp.model.finetune import PhasedFinetuning
+from tlexp.model.finetune import PhasedFinetuning, phase_b_params, trainable_params
 from tlexp.model.module import TransferModule
 from tlexp.model.strategies import modules_to_unfreeze, parse_strategy
 
 
-def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int):
+def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int, name: str = "resnet18"):
     dm = ImageDataModule(cfg_data, seed=0)
     dm.setup()
     module = TransferModule(
-        model={"source": "torchvision", "name": "resnet18", "weights": None, "head": {"hidden_dim": None, "dropout": 0.0}},
+        model={"source": "torchvision", "name": name, "weights": None, "head": {"hidden_dim": None, "dropout": 0.0}},
         class_names=dm.class_names, class_counts=dm.class_counts,
         loss={"name": "ce", "label_smoothing": 0.0, "class_weights": None},
         optim={"_target_": "torch.optim.Adam", "lr": 1e-2, "weight_decay": 0.0, "scheduler": None},
@@ -62,3 +62,16 @@ def test_frozen_strategy_changes_no_backbone_tensor(tmp_path):
     root = make_image_tree(tmp_path / "img", {"a": 8, "b": 8})
     _, changed = _fit(tmp_path, _data_cfg(root), "frozen", phase_a=2, phase_b=0)
     assert changed == {"head.1.weight", "head.1.bias"}
+
+
+def test_layers_n_trains_the_weights_a_function_reads_and_counts_what_trains(tmp_path):
+    """ConvNeXt reads its layer scale and LayerNorm2d's weights in functions, not module calls: layers_N left them
+    frozen; and the ops after its global pooling (a permute, the classifier's LayerNorm) were its last 3 layers,
+    so layers_5 trained no backbone weight at all."""
+    root = make_image_tree(tmp_path / "img", {"a": 8, "b": 8})
+    module, changed = _fit(tmp_path, _data_cfg(root), "layers_5", phase_a=1, phase_b=1, name="convnext_tiny")
+    last = "backbone.features.7.2."
+    assert {k for k in changed if k.startswith("backbone.")} == {last + "block.5.weight", last + "block.5.bias", last + "layer_scale"}
+    units = modules_to_unfreeze(module.backbone_spec, parse_strategy("layers_5"))
+    assert [u.name for u in units] == ["features.7.2.block.5", "permute_43", "mul_17", "features.7.2.stochastic_depth", "add_17"]
+    assert trainable_params(module) == phase_b_params(module.head, units) == 768 * 3072 + 768 + 768 + 768 * 2 + 2

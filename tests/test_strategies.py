@@ -89,6 +89,15 @@ def test_mobilenet_v2_layer_count_is_keras_body():
     assert len(layers(build_backbone("torchvision", "mobilenet_v2", None))) == 149
 
 
+def test_every_layer_is_the_whole_backbone_when_functions_read_weights():
+    """Swin's attention takes its projection weights and position-bias table as function arguments: layers_N
+    left them out, so even every layer (170) trained 18.9M of Swin-T's 27.5M parameters."""
+    swin = build_backbone("torchvision", "swin_t", None)
+    head = make_head(swin.feature_dim, 5, None, 0.0)
+    every = modules_to_unfreeze(swin, parse_strategy(f"layers_{len(layers(swin))}"))
+    assert phase_b_params(head, every) == phase_b_params(head, modules_to_unfreeze(swin, parse_strategy("full"))) == 27_523_199
+
+
 def test_larger_n_is_monotone(resnet50):
     head = make_head(resnet50.feature_dim, 5, None, 0.0)
     counts = [phase_b_params(head, modules_to_unfreeze(resnet50, parse_strategy(f"layers_{n}"))) for n in (1, 5, 20, 80, 172)]

@@ -115,7 +115,7 @@ class FrozenPrefixCache(Callback):
     def _cut(self, phase: str, trainable, module) -> tuple[PrefixCut, str] | None:
         if phase not in self.cuts:
             try:
-                cut = cut_frozen_prefix(module.backbone_spec, (p for m in trainable for p in m.parameters()))
+                cut = cut_frozen_prefix(module.backbone_spec, trainable)
                 self.cuts[phase] = (cut, tensor_digest(cut.prefix))
                 log.info("phase %s: frozen prefix cached up to %s", phase, ", ".join(cut.boundary))
             except NoFrozenPrefix as exc:

@@ -42,7 +42,7 @@ def trainable_params(module: nn.Module) -> int:
 
 def phase_b_params(head: nn.Module, units: list[Unit]) -> int:
     """Trainable parameters of phase B: the head plus every unit's parameters, each counted once."""
-    unique = {id(p): p for u in units for m in u.modules for p in m.parameters()}
+    unique = {id(p): p for u in units for p in u.parameters()}
     return sum(p.numel() for p in head.parameters()) + sum(p.numel() for p in unique.values())
 
 
@@ -70,10 +70,10 @@ class PhasedFinetuning(BaseFinetuning):
     def phase_at(self, epoch: int) -> str:
         return "B" if self.units and epoch >= self.phase_a_epochs else "A"
 
-    def trainable_at(self, epoch: int) -> tuple[str, list[nn.Module]]:
-        """The phase of ``epoch`` and the backbone modules it trains."""
+    def trainable_at(self, epoch: int) -> tuple[str, list[nn.Parameter]]:
+        """The phase of ``epoch`` and the backbone parameters it trains."""
         phase = self.phase_at(epoch)
-        return phase, [m for unit in self.units for m in unit.modules] if phase == "B" else []
+        return phase, [p for unit in self.units for p in unit.parameters()] if phase == "B" else []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":  # testing a checkpoint needs no freezing (and no phase log line)
@@ -113,7 +113,10 @@ class PhasedFinetuning(BaseFinetuning):
     def _apply(self, pl_module, epoch: int) -> None:
         phase, trainable = self.trainable_at(epoch)
         self.freeze(pl_module.backbone, train_bn=False)
-        self.make_trainable(trainable)
+        if phase == "B":  # the units' BatchNorm layers track their statistics again
+            self.make_trainable([m for unit in self.units for m in unit.modules])
+        for p in trainable:  # and the weights that traced functions read themselves
+            p.requires_grad = True
         pl_module.train(pl_module.training)  # puts frozen BatchNorm back in eval mode
         _rewrap_ddp(pl_module.trainer)
         self._phase = phase

@@ -1,7 +1,8 @@
 """Which backbone modules a fine-tuning strategy unfreezes in phase B (the reference study's definitions).
 
 - ``layers_N``: the modules behind the last N operations of the backbone's traced graph (Keras's
-  layer count: conv, norm, activation, residual add, ...), up to the last op before global pooling.
+  layer count: conv, norm, activation, residual add, ...), and the weights an op reads itself, up to
+  the last op before global pooling.
 - ``blocks_N``: the last N architectural blocks (ResNet bottlenecks, inverted-residual blocks with
   stem and last conv, VGG stages, ViT encoder layers, timm's own block grouping).
 """
@@ -47,10 +48,18 @@ def parse_strategy(name: str) -> Strategy:
 
 @dataclass(frozen=True)
 class Unit:
-    """A named group of modules that is unfrozen together (one block, or one traced op)."""
+    """A named group of modules that is unfrozen together (one block, or one traced op).
+
+    ``params``: weights a traced function reads itself rather than through a module call
+    (ConvNeXt's layer scale and LayerNorm2d, timm's BatchNormAct2d, ViT's class token).
+    """
 
     name: str
     modules: tuple[nn.Module, ...]
+    params: tuple[nn.Parameter, ...] = ()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules for p in m.parameters()] + list(self.params)
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -147,11 +156,14 @@ class _Tracer(fx.Tracer):
 
 
 def _spatial(node: fx.Node) -> bool:
-    """True while the op still sees a grid (N,C,H,W with H*W > 1) or a token sequence (N,L,D with L > 1)."""
+    """True while the op still sees a grid (N,C,H,W or N,H,W,C with H*W > 1) or a token sequence (N,L,D with L > 1).
+
+    A 4-d tensor is a grid read either way: ConvNeXt's pooled (N,C,1,1) is permuted to (N,1,1,C) for its last norm.
+    """
     shape = getattr(node.meta.get("tensor_meta"), "shape", None)
     if shape is None or len(shape) < 3:
         return False
-    return (shape[1] if len(shape) == 3 else math.prod(shape[2:])) > 1
+    return shape[1] > 1 if len(shape) == 3 else math.prod(shape[2:]) > 1 and math.prod(shape[1:3]) > 1
 
 
 @contextmanager
@@ -185,10 +197,14 @@ def layers(backbone: Backbone) -> list[Unit]:
         ShapeProp(module).propagate(torch.zeros(1, 3, size, size))
     ops = [n for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")]
     last_spatial = max(i for i, n in enumerate(ops) if _spatial(n))
+    weights = dict(body.named_parameters(remove_duplicate=False))
     units = []
     for node in ops[: last_spatial + 1]:
-        modules = (body.get_submodule(node.target),) if node.op == "call_module" else ()
-        units.append(Unit(node.name if not modules else str(node.target), modules))
+        if node.op == "call_module":
+            units.append(Unit(str(node.target), (body.get_submodule(node.target),)))
+        else:
+            read = (weights[n.target] for n in node.all_input_nodes if n.op == "get_attr" and n.target in weights)
+            units.append(Unit(node.name, (), tuple(read)))
     return units
 
 

@@ -36,7 +36,7 @@ def phase_table(head: nn.Module, backbone: nn.Module, units: list[Unit]) -> Tabl
     seen: set[int] = set()
     shown = 0
     for unit in reversed(units):
-        params = [p for m in unit.modules for p in m.parameters() if id(p) not in seen]
+        params = [p for p in unit.parameters() if id(p) not in seen]
         seen.update(id(p) for p in params)
         if shown < MAX_UNIT_ROWS:
             table.add_row(f"backbone {unit.name}", f"{_count(params):,}", no, yes)
