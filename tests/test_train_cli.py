@@ -98,6 +98,8 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "data.augment.policy=augmix"], ["data.augment.policy must be one of none, trivialaugment, randaugment, autoaugment"]),
         (["model=resnet18", "optim._target_=torch.optim.Adamw"], ["optim._target_=torch.optim.Adamw is not an importable class: did you mean torch.optim.AdamW?"]),
         (["model=resnet18", "optim._target_=torch.nn.Linear"], ["optim._target_=torch.nn.Linear is not a torch.optim.Optimizer"]),
+        (["model=resnet18", "loss.label_smoothing=1.5"], ["loss.label_smoothing must be in [0.0, 1.0), got 1.5"]),
+        (["model=resnet18", "profile.repeats=0"], ["profile.repeats must be >= 1, got 0"]),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):

@@ -42,6 +42,11 @@ NUMERIC = {
     "callbacks.ema.decay": (NUMBER, 0.0, 1.0, True),  # callbacks=ema only
     "data.augment.mixup_alpha": (NUMBER, 0.0, None, True),
     "data.augment.cutmix_alpha": (NUMBER, 0.0, None, True),
+    "loss.label_smoothing": (NUMBER, 0.0, 1.0, True),  # loss=ce only
+    "loss.gamma": (NUMBER, 0.0, None, True),  # loss=focal only
+    "profile.batch_size": (INT, 1, None, False),
+    "profile.warmup": (INT, 0, None, False),
+    "profile.repeats": (INT, 1, None, False),
 }
 CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
