@@ -25,6 +25,16 @@ def test_focal_down_weights_easy_examples():
     assert FocalLoss(gamma=2.0)(logits[:1], target[:1]) < 0.01 * F.cross_entropy(logits[:1], target[:1])
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_gradient_is_finite_when_an_example_is_certain(gamma):
+    """With 0 < gamma < 1 a confident example (p_t rounds to 1) made the whole batch's gradient nan."""
+    logits = torch.tensor([[30.0, 0.0, 0.0], [0.0, 1.0, 2.0]], requires_grad=True)
+    FocalLoss(gamma)(logits, torch.tensor([0, 2])).backward()
+    hard = logits[1:].detach().requires_grad_()
+    FocalLoss(gamma)(hard, torch.tensor([2])).backward()
+    assert logits.grad[0].abs().max() < 1e-12 and torch.allclose(logits.grad[1], hard.grad[0] / 2)
+
+
 def test_alpha_weights_each_class():
     logits, target = torch.randn(8, 2), torch.tensor([0, 1] * 4)
     alpha = torch.tensor([0.25, 0.75])

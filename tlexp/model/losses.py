@@ -21,7 +21,9 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p_t = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
-        loss = -((1 - log_p_t.exp()) ** self.gamma) * log_p_t
+        # 1 - p_t kept above 0: for 0 < gamma < 1 its power has an infinite slope where a confident
+        # example's p_t rounds to 1, and that slope times log(1) = 0 made every gradient nan
+        loss = -((1 - log_p_t.exp()).clamp(min=torch.finfo(torch.float32).tiny) ** self.gamma) * log_p_t
         if self.alpha is not None:
             loss = loss * self.alpha[target]
         return loss.mean()
