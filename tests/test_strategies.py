@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tlexp.errors import TlexpError
@@ -73,6 +74,15 @@ def test_full_is_every_backbone_parameter(resnet50):
 )
 def test_block_counts(source, name, n_blocks):
     assert len(blocks(build_backbone(source, name, None))) == n_blocks
+
+
+@pytest.mark.parametrize("name,last", [("googlenet", ["inception5a", "inception5b"]), ("inception_v3", ["Mixed_7b", "Mixed_7c"])])
+def test_auxiliary_classifiers_are_not_blocks_and_training_gives_features(name, last):
+    """Their auxiliary classifiers, registered after (GoogLeNet) or among (Inception) the last blocks, were
+    blocks_2's units, and in train mode the body returned (logits, aux), which the head could not take."""
+    backbone = build_backbone("torchvision", name, None)
+    assert [u.name for u in blocks(backbone)][-2:] == last
+    assert backbone.body.train()(torch.zeros(2, 3, 299, 299)).shape == (2, backbone.feature_dim)
 
 
 def test_layers_follow_execution_order_up_to_pooling(resnet50):

@@ -70,12 +70,18 @@ def _download_guard(what: str):
         ) from exc
 
 
+# Models built without their auxiliary classifiers: in train mode those return (logits, aux) instead of
+# one tensor, and, registered after the last block, they would be the "last blocks" blocks_N unfreezes.
+_BUILD_ARGS = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_logits": False}}
+
+
 def _torchvision_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise TlexpError(f"unknown torchvision classification model '{name}'.{_suggest(name, available)}")
+    args = _BUILD_ARGS.get(name, {})
     if weights is None or _is_file_reference(weights):
-        model = torchvision.models.get_model(name, weights=None)
+        model = torchvision.models.get_model(name, weights=None, **args)
         if weights is not None:
             _load_local_file(model, weights)
         return model, prep.Preprocessing()
@@ -85,7 +91,7 @@ def _torchvision_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessin
         raise TlexpError(f"'{weights}' is not a weights name of {name}: choose one of {members}, a file path or null")
     resolved = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     with _download_guard(f"{name} ({resolved})"):
-        model = torchvision.models.get_model(name, weights=resolved)
+        model = torchvision.models.get_model(name, weights=resolved, **args)
     return model, prep.from_torchvision_weights(resolved)
 
 
