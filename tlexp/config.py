@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from tlexp.data.transforms import POLICIES
 from tlexp.errors import TlexpError
-from tlexp.model.optim import SCHEDULERS, optimizer_class
+from tlexp.model.optim import SCHEDULERS, check_optimizer
 from tlexp.speed.timing import RUNTIMES
 
 INT, NUMBER = "an integer", "a number"
@@ -31,6 +31,7 @@ NUMERIC = {
     "data.image_size": (INT, 16, None, True),
     "data.limit_per_class": (INT, 1, None, True),
     "model.head.dropout": (NUMBER, 0.0, 1.0, False),
+    "model.head.hidden_dim": (INT, 0, None, True),
     "data.augment.cached_views.phase_a": (INT, 0, None, False),
     "data.augment.cached_views.phase_b": (INT, 0, None, False),
     "perf.cache_budget_gb": (NUMBER, 0.0, None, False),
@@ -78,15 +79,15 @@ def check_config(cfg) -> None:
         for key, choices in CHOICES.items()
         if OmegaConf.select(cfg, key) not in choices
     ]
-    problems += _optimizer_problems(cfg)
-    problems += _mixing_problems(cfg) + _epoch_problems(cfg) if not problems else []
+    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
 
 
 def _optimizer_problems(cfg) -> list[str]:
+    """A mistyped class or a setting it refuses, said now rather than when fitting starts."""
     try:
-        optimizer_class(OmegaConf.select(cfg, "optim._target_"))
+        check_optimizer(OmegaConf.to_container(cfg.optim, resolve=True))
     except TlexpError as exc:
         return [str(exc)]
     return []

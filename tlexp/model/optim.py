@@ -55,6 +55,13 @@ def build_optimizer(cfg: dict, groups: list[dict], lr: float) -> torch.optim.Opt
             f"optim._target_={cfg['_target_']} does not take these settings ({exc}): drop them with ~optim.<key> "
             "or pick another optim="
         ) from exc
+    except ValueError as exc:  # torch.optim's own range checks (weight_decay=-1, betas=[0.9,1.5], ...)
+        raise TlexpError(f"optim._target_={cfg['_target_']} refuses these settings: {exc}") from exc
+
+
+def check_optimizer(cfg: dict) -> None:
+    """The optimizer and its settings, built over one stand-in parameter when the config is checked."""
+    build_optimizer(cfg, [{"params": [torch.zeros(1, requires_grad=True)]}], cfg["lr"])
 
 
 def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, epochs: int, total_steps) -> dict | None:
