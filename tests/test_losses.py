@@ -46,8 +46,10 @@ def test_alpha_weights_each_class():
 def test_auto_weights_are_inverse_frequency():
     assert torch.allclose(class_weights("auto", [30, 10], "x"), torch.tensor([40 / 60, 40 / 20]))
     assert class_weights(None, [1, 2], "x") is None
-    with pytest.raises(TlexpError, match="needs 2 non-negative"):
-        class_weights([1.0], [3, 4], "loss.alpha")
+    for bad in ([1.0], "Auto", [1, "x"], 3, [1.0, float("nan")], [0, 0], [-1, 2]):  # was a ValueError traceback for a word
+        with pytest.raises(TlexpError, match=r"=.*: give auto, null or 2 non-negative numbers \(one per class, not all 0\)"):
+            class_weights(bad, [3, 4], "loss.alpha")
+    assert torch.equal(class_weights([0, 2], [3, 4], "x"), torch.tensor([0.0, 2.0]))  # a class left out of the loss
 
 
 def test_build_loss_from_config():

@@ -102,6 +102,7 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "profile.repeats=0"], ["profile.repeats must be >= 1, got 0"]),
         (["model=resnet18", "optim=adamw", "optim.weight_decay=-1"], ["optim._target_=torch.optim.AdamW refuses these settings: Invalid weight_decay value: -1"]),
         (["model=resnet18", "model.head.hidden_dim=-5"], ["model.head.hidden_dim must be >= 0, got -5"]),
+        (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments):

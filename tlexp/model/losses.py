@@ -36,9 +36,15 @@ def class_weights(spec, class_counts: Sequence[int], key: str) -> torch.Tensor |
     if spec == "auto":
         counts = torch.tensor(class_counts, dtype=torch.float32)
         return counts.sum() / (len(counts) * counts)
-    weights = torch.tensor(list(spec), dtype=torch.float32)
-    if len(weights) != len(class_counts) or (weights < 0).any():
-        raise TlexpError(f"{key} needs {len(class_counts)} non-negative numbers (one per class), got {list(spec)}")
+    try:
+        weights = torch.tensor(list(spec), dtype=torch.float32)
+    except (TypeError, ValueError):  # a word (Auto, balanced) or a list with one
+        weights = None
+    # nan fails >= 0; all zero weights make the weighted mean 0 / 0
+    if weights is None or weights.dim() != 1 or len(weights) != len(class_counts) or not (weights >= 0).all() or not weights.any():
+        raise TlexpError(
+            f"{key}={spec}: give auto, null or {len(class_counts)} non-negative numbers (one per class, not all 0)"
+        )
     return weights
 
 
