@@ -210,3 +210,19 @@ def test_a_resumed_run_records_the_lr_finders_result(tmp_path, tree):
     metrics = read_metrics(run)
     assert metrics["lr_find"] == found and metrics["lr"] == found["suggestion"] != 1e-3
     assert metrics["history"][-1]["lr_head"] == pytest.approx(found["suggestion"])
+
+
+def test_validation_within_epochs_keeps_checkpoints_at_epoch_ends(tmp_path, tree):
+    """+trainer.val_check_interval=0.5 validates mid-epoch too; best.ckpt and last.ckpt are written at epoch ends, after
+    the epoch's history row, so best.ckpt is the record's best epoch and a kill mid phase B resumes exactly (was:
+    written at each validation, before the row: last.ckpt lacked its own epoch and best.ckpt could be a mid-epoch state)."""
+    schedule = (*SCHEDULE, "perf=fast", "data.num_workers=0", "+trainer.val_check_interval=0.5")
+    whole = tmp_path / "whole"
+    train(whole, tree, *schedule)
+    metrics = read_metrics(whole)
+    for name in ("best", "last"):
+        saved = torch.load(whole / "checkpoints" / f"{name}.ckpt", weights_only=False)
+        assert [e["epoch"] for e in saved["callbacks"]["EpochHistory"]["epochs"]] == list(range(saved["epoch"] + 1))
+        assert saved["global_step"] == 3 * (saved["epoch"] + 1)  # 3 batches an epoch: saved at its end
+    assert torch.load(whole / "checkpoints" / "best.ckpt", weights_only=False)["epoch"] == metrics["best_epoch"]
+    _assert_same_run(_kill_and_resume(tmp_path, tree, schedule, "mid_phase_b"), whole)

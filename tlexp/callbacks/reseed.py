@@ -4,6 +4,10 @@ Lightning checkpoints hold no RNG state; deriving it from the epoch makes epoch 
 same whether the process started at epoch 0 or resumed at k. (Shuffling and augmentation are seeded
 by ``tlexp.data.datamodule.EpochSeededSampler`` and never touch this stream.) Under DDP each rank gets its own stream.
 
+Validation inside an epoch (``trainer.val_check_interval`` < 1) leaves the stream where it found it:
+it draws from it (a loader's base seed, a feature-cache entry built only when not on disk yet), and
+the rest of the epoch must not depend on that (a resumed run finds the cache warm).
+
 Not ``pl.seed_everything``: it also rewrites ``PL_GLOBAL_SEED``, from which Lightning seeds the
 ``DistributedSampler`` of every loader it builds later, so a DDP run's data order would depend on
 the epoch its process started at (a resumed run would shuffle differently).
@@ -23,9 +27,25 @@ from tlexp.seeds import RESEED, mix
 class ReseedEachEpoch(Callback):
     def __init__(self, seed: int):
         self.seed = seed
+        self._states: tuple | None = None  # the streams as the last training batch left them
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         seed = mix(RESEED, self.seed, trainer.current_epoch, trainer.global_rank)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Where a validation may follow: before it builds its loaders (and draws from the stream)."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self._states = (random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._states is None or trainer.sanity_checking:  # before any epoch: the first epoch's reseed follows
+            return
+        python, numpy, cpu, cuda = self._states
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
