@@ -65,6 +65,16 @@ def test_frozen_strategy_stops_after_phase_a(tmp_path, tiny_tree):
     assert metrics["epochs"] == 1 and metrics["trainable_params"] == metrics["trainable_params_phase_a"] == 512 * 3 + 3
 
 
+def test_epochs_without_validation_record_no_validation_figures(tmp_path, tiny_tree):
+    """+trainer.check_val_every_n_epoch=2: an epoch that was not validated has no val_acc in the history (was: the
+    previous validation's figures again, a phase A number in a phase B row)."""
+    train(tmp_path / "run", tiny_tree, "model=resnet18", "strategy=blocks_1", "finetune.phase_a_epochs=2", "+trainer.check_val_every_n_epoch=2")
+    metrics = read_metrics(tmp_path / "run")
+    assert [("val_acc" in e, e["phase_b"]) for e in metrics["history"]] == [(False, False), (True, False), (False, True)]
+    assert metrics["best_epoch"] == 1 and metrics["val_acc"] == metrics["history"][1]["val_acc"]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=False)["epoch"] == 1
+
+
 def test_lr_groups_are_named_and_scaled(tmp_path, tiny_tree):
     train(tmp_path / "run", tiny_tree, "model=resnet18", "strategy=full", "optim=sgd", "optim.lr=0.02", "finetune.backbone_lr_factor=0.5")
     history = read_metrics(tmp_path / "run")["history"]

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from pytorch_lightning.callbacks import Callback
 
-KEYS = ("train/acc", "train/loss", "val/acc", "val/loss")
+TRAIN_KEYS = ("train/acc", "train/loss")
+VAL_KEYS = ("val/acc", "val/loss")
 
 
 class EpochHistory(Callback):
@@ -23,6 +24,7 @@ class EpochHistory(Callback):
         self.wall_time_s = 0.0
         self._since = self._epoch_since = time.perf_counter()
         self._lrs: dict = {}
+        self._validated = False  # this epoch; Lightning keeps the last validation's figures (check_val_every_n_epoch > 1)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._epoch_since = time.perf_counter()
@@ -32,14 +34,19 @@ class EpochHistory(Callback):
         self.wall_time_s += now - self._since
         self._since = now
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._validated = False
         # the rates this epoch trains with (an epoch-wise scheduler has stepped by epoch end)
         self._lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(trainer.optimizers[0].param_groups)}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch}
-        row.update({k.replace("/", "_"): float(metrics[k]) for k in KEYS if k in metrics})
+        keys = TRAIN_KEYS + VAL_KEYS if self._validated else TRAIN_KEYS
+        row.update({k.replace("/", "_"): float(metrics[k]) for k in keys if k in metrics})
         row.update(self._lrs)
         row["phase_b"] = self.phase_at(trainer.current_epoch) == "B"
         now = time.perf_counter()
