@@ -72,12 +72,15 @@ def test_bad_input_is_one_clear_error(trained_run, args, message):
     [
         (("top_k=0",), "top_k must be >= 1, got 0"),
         (("top_k=abc",), "top_k must be an integer, got 'abc'"),
+        (("device=gpu0",), "device=gpu0: not a device name (auto, cpu, cuda, cuda:1, ...)"),
+        (("device=null",), "device=None: not a device name (auto, cpu, cuda, cuda:1, ...)"),
+        (("device=cuda:7",), f"device=cuda:7, but this machine has {torch.cuda.device_count()} CUDA GPU(s): use device=cpu (or auto)"),
         (("top_k=2.5", "batch_size=0", "precision=fp16"),
          "top_k must be an integer, got 2.5; batch_size must be >= 1, got 0; precision must be one of auto, 32-true, bf16-mixed, 16-mixed, got fp16"),
     ],
 )
 def test_nonsense_settings_are_refused_before_any_work(tmp_path, args, line):
-    """Was: top_k checked after the model was loaded, and top_k=abc a TypeError traceback."""
+    """Was: top_k checked after the model was loaded; top_k=abc, device=null and a GPU the machine lacks, tracebacks."""
     result = predict_cli(f"ckpt={tmp_path / 'best.ckpt'}", f"images={tmp_path}", *args)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"tlexp-predict: error: {line}"]
 

@@ -75,13 +75,16 @@ def list_images(spec: str) -> list[Path]:
 
 
 def resolve_device(setting: str) -> torch.device:
-    """``auto``: the first CUDA GPU if there is one, else the CPU."""
+    """``auto``: the first CUDA GPU if there is one, else the CPU; a GPU this machine lacks is refused up front."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(setting)
-    except RuntimeError as exc:
+        device = torch.device(setting)
+    except (RuntimeError, TypeError) as exc:
         raise TlexpError(f"device={setting}: not a device name (auto, cpu, cuda, cuda:1, ...)") from exc
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TlexpError(f"device={setting}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): use device=cpu (or auto)")
+    return device
 
 
 def precision_context(precision: str, device: torch.device):
@@ -152,9 +155,10 @@ def csv_destination(setting: str | None) -> Path | None:
 def run(cfg: DictConfig) -> None:
     check_predict_config(cfg)
     out = csv_destination(cfg.csv)
+    device = resolve_device(cfg.device)
     module, pre, run_precision = load_model(cfg.ckpt)
     precision = run_precision if cfg.precision == "auto" else cfg.precision
-    module.to(resolve_device(cfg.device))
+    module.to(device)
     class_names = module.hparams.class_names
     top_k = min(cfg.top_k, len(class_names))
     files = list_images(str(cfg.images))
