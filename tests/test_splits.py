@@ -70,7 +70,7 @@ def test_bad_trees(tmp_path):
 
 def _datamodule(root, **overrides):
     cfg = OmegaConf.create(
-        {"kind": "imagefolder", "root": str(root), "split": [0.7, 0.15, 0.15], "image_size": None, "batch_size": 4,
+        {"kind": "imagefolder", "root": root if root is None else str(root), "split": [0.7, 0.15, 0.15], "image_size": None, "batch_size": 4,
          "num_workers": 0, "limit_per_class": None, "augment": {"hflip": True, "crop_scale": [0.8, 1.0], "rotation": 0, "shear": 0},
          "on_bad_image": "skip", "image_checks": None}
     )
@@ -133,6 +133,13 @@ def test_missing_and_file_roots(tmp_path):
     (tmp_path / "file.jpg").write_bytes(b"x")
     with pytest.raises(TlexpError, match="is a file"):
         _datamodule(tmp_path / "file.jpg").setup()
+
+
+@pytest.mark.parametrize("root", [None, ""], ids=["null", "empty"])
+def test_a_root_without_a_value_is_refused(root):
+    """Was: data.root=null a TypeError traceback, and data.root= the working directory's folders taken for classes."""
+    with pytest.raises(TlexpError, match="^data.root has no value: give data.root=<folder of class sub-folders>$"):
+        _datamodule(root).setup()
 
 
 def test_split_file_is_written(tmp_path):

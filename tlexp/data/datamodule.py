@@ -114,6 +114,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def root(self) -> Path:
+        if not self.cfg.root:  # Path("") is the working directory, whose folders would be taken for classes
+            raise TlexpError("data.root has no value: give data.root=<folder of class sub-folders>")
         return Path(self.cfg.root).expanduser()
 
     def prepare_data(self) -> None:
