@@ -41,8 +41,9 @@ def result_config(cfg) -> dict:
         flat.update(_flatten(key, _plain(OmegaConf.select(cfg, key, throw_on_missing=False))))
     for name, node in (OmegaConf.select(cfg, "callbacks") or {}).items():
         kind = str((node or {}).get("_target_")).rsplit(".", 1)[-1]
-        for argument in [a for a in RESULT_CALLBACKS[kind] or node if a in node] if kind in RESULT_CALLBACKS else []:
-            flat.update(_flatten(f"callbacks.{name}.{argument}", _plain(node[argument])))
+        if kind in RESULT_CALLBACKS:
+            for argument in [a for a in RESULT_CALLBACKS[kind] or node if a in node]:
+                flat.update(_flatten(f"callbacks.{name}.{argument}", _plain(node[argument])))
     return {k: v for k, v in flat.items() if k not in NOT_RESULT_KEYS}
 
 
@@ -159,9 +160,9 @@ def completed_record(
 ) -> dict:
     """Every result of a finished run: the study's columns, how it was run, and the per-epoch history.
 
-    ``identity``: ``run_identity``'s, as its checkpoints hold it; ``units``: those that trained (none if
-    the run ended in phase A); ``epochs``: ``EpochHistory.epochs`` as fitting left them; ``extra``: what only some runs measure (speed, peak GPU memory, the LR
-    finder's result, wall time).
+    ``identity``: ``run_identity``'s, as its checkpoints hold it; ``units``: those that trained (none
+    if the run ended in phase A); ``epochs``: ``EpochHistory.epochs`` as fitting left them; ``extra``:
+    what only some runs measure (speed, peak GPU memory, the LR finder's result, wall time).
     """
     best = best_epoch(epochs)
     return {
