@@ -57,6 +57,7 @@ def test_record_config_split_and_checkpoint_describe_one_run(finished):
     ("override", "named"),
     [("strategy=full", "strategy: 'blocks_2' -> 'full'"), ("seed=7", "seed: 42 -> 7"), ("optim.lr=0.5", "optim.lr: 0.001 -> 0.5"),
      ("callbacks=early_stopping", "callbacks.early_stopping.patience: None -> 5"),
+     ("+trainer.limit_train_batches=2", "trainer.limit_train_batches: None -> 2"),
      ("callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.monitor: 'val/acc' -> 'val/loss'")],
 )
 def test_a_resume_that_changes_a_result_setting_is_refused(tmp_path, tree, finished, override, named):
@@ -94,7 +95,8 @@ def test_resume_true_on_a_finished_run(tmp_path, tree, finished):
     changed = train(run, tree, *SCHEDULE, "resume=true", "data.batch_size=4", check=False)
     assert changed.returncode == 2 and "data.batch_size: 8 -> 4" in changed.stderr
     assert _snapshot(run) == before  # .hydra/config.yaml is the finished run's again
-    same = train(run, tree, *SCHEDULE, "resume=true", "data.num_workers=0", "callbacks.lr_monitor=null")  # not result settings
+    same = train(run, tree, *SCHEDULE, "resume=true", "data.num_workers=0", "callbacks.lr_monitor=null", "trainer.enable_progress_bar=true",
+                 "trainer.num_sanity_val_steps=2")  # not result settings
     assert "already completed" in (run / "train.log").read_text() and same.returncode == 0
     assert _snapshot(run) == before
 

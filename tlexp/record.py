@@ -20,12 +20,13 @@ RECORD = "metrics.json"
 STATUSES = ("completed", "failed", "interrupted")
 # The settings that change what a run computes, with RESULT_CALLBACKS. Everything else (progress bars,
 # workers, paths, loggers, profiling, other callbacks) may differ between a run and its resume.
-RESULT_KEYS = (
-    "model", "data", "loss", "optim", "finetune", "strategy", "seed", "perf.feature_cache",
-    "trainer.max_epochs", "trainer.precision", "trainer.devices", "trainer.strategy", "trainer.sync_batchnorm", "trainer.deterministic",
-    "trainer.gradient_clip_val", "trainer.accumulate_grad_batches",
+RESULT_KEYS = ("model", "data", "loss", "optim", "finetune", "strategy", "seed", "perf.feature_cache", "trainer")
+# Every Trainer argument counts (+trainer.limit_train_batches=0.1 trains on other batches) but these, which
+# change what is shown or where it runs, not what is computed.
+NOT_RESULT_KEYS = (
+    "data.num_workers", "data.image_checks", "trainer.accelerator", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+    "trainer.num_sanity_val_steps", "trainer.enable_model_summary", "trainer.profiler",
 )
-NOT_RESULT_KEYS = ("data.num_workers", "data.image_checks")
 # Callbacks (by class name) that change what a run computes, and their arguments that do (None: all): the
 # first checkpoint callback's monitor picks the best.ckpt that is tested, EarlyStopping ends the run,
 # WeightEMA is the model validated and tested. Compared as ``callbacks.<name>.<argument>``.
