@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_module
+from tests.conftest import REPO, read_metrics, run_module
 from tlexp.predict import load_model
 
 
@@ -133,3 +135,19 @@ def test_files_that_do_not_decode_keep_their_row_in_the_csv(trained_run, tmp_pat
         assert {k: v for k, v in rows[name].items() if k not in ("path", "error")} == dict.fromkeys(["top1", "p1", "top2", "p2", "top3", "p3", "p_blue", "p_green", "p_red"], "")
     assert rows["img_000.jpg"]["error"] == "" and rows["img_000.jpg"]["top1"] in ("blue", "green", "red")
     assert float(rows["img_000.jpg"]["p1"]) > 0
+
+
+def test_a_file_name_that_is_not_utf8_is_written_to_the_csv_byte_for_byte(trained_run, tmp_path):
+    """caf\xe9.jpg (Latin-1 bytes): was a UnicodeEncodeError traceback after every image was predicted, and a CSV of one header line."""
+    tree, run = trained_run
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes((tree / "red" / "img_000.jpg").read_bytes())
+    out = tmp_path / "p.csv"
+    args = [f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={folder}", f"csv={out}", "num_workers=0"]
+    # bytes: the table prints the name's own bytes, which do not decode as text
+    result = subprocess.run([sys.executable, "-m", "tlexp.predict", *args], capture_output=True, cwd=REPO, timeout=600, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = out.read_bytes().splitlines()
+    assert len(lines) == 2 and lines[1].startswith(bytes(folder) + b"/caf\xe9.jpg,")

@@ -120,7 +120,7 @@ def write_csv(
         for file, values, indices, row in zip(files, top.values.tolist(), top.indices.tolist(), probs.tolist())
     }
     rows |= {file: [""] * (2 * top_k + len(class_names)) + [why] for file, why in bad.items()}
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # a non-UTF-8 file name keeps its bytes
         writer = csv.writer(f)
         writer.writerow(["path", *[c for i in range(top_k) for c in (f"top{i + 1}", f"p{i + 1}")], *[f"p_{n}" for n in class_names], "error"])
         writer.writerows([str(file), *rows[file]] for file in sorted(rows))
