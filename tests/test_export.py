@@ -69,6 +69,10 @@ def test_nonsense_numbers_are_refused_before_exporting(tmp_path):
     assert run_module("tlexp.export", f"ckpt={tmp_path / 'best.ckpt'}", "formats=[]").stderr.strip().splitlines() == [
         "tlexp-export: error: formats must be a non-empty list of onnx, torchscript, got []"
     ]
+    # was: taken, and no difference is > nan: every export passed its check
+    assert run_module("tlexp.export", f"ckpt={tmp_path / 'best.ckpt'}", "tolerance=nan").stderr.strip().splitlines() == [
+        "tlexp-export: error: tolerance must be a finite number, got nan"
+    ]
 
 
 def test_out_that_is_a_file_is_refused_before_exporting(tmp_path):

@@ -6,6 +6,8 @@ with every other problem in one message, before anything is built or written.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from omegaconf import OmegaConf
 
@@ -62,6 +64,8 @@ def _numeric_problem(key: str, value, kind: str, low, high, nullable: bool) -> s
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if not is_int and not (kind == NUMBER and isinstance(value, float)):
         return f"{key} must be {kind}{' or null' if nullable else ''}, got {value!r}"
+    if not math.isfinite(value):  # nan passes every range check below
+        return f"{key} must be a finite number, got {value}"
     if key == "optim.lr" and value <= 0:
         return f"optim.lr must be > 0, got {value}"
     if value < low or (high is not None and value >= high):
