@@ -35,6 +35,13 @@ def test_download_verifies_and_extracts(tmp_path, archive):
     assert [p.name for p in root.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_checksum_in_upper_case_is_the_same_checksum(tmp_path, archive):
+    """Was: 'downloaded with sha256 4c54..., expected 4C54...: corrupt or changed' after every download."""
+    root = tmp_path / "cache" / "flower_photos"
+    download_and_extract(archive.as_uri(), file_digest(archive).upper(), root)
+    assert sorted(p.name for p in root.iterdir()) == ["daisy", "roses"]
+
+
 def test_bad_checksum_leaves_nothing_that_looks_complete(tmp_path, archive):
     root = tmp_path / "cache" / "flower_photos"
     with pytest.raises(TlexpError, match="expected 0000"):

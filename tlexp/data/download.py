@@ -54,6 +54,7 @@ def download_and_extract(url: str, sha256: str | None, root: Path) -> None:
 
 def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
     parent = root.parent  # made by the lock beside it
+    sha256 = sha256 and sha256.lower()  # a checksum copied in upper case is the same checksum
     archive = parent / Path(url).name
     if not archive.exists() or (sha256 and file_digest(archive) != sha256):
         part = archive.with_name(archive.name + ".part")
