@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics, run_module
-from tlexp.predict import load_model
+from tests.conftest import REPO, make_image_tree, read_metrics, run_module
+from tlexp.predict import list_images, load_model
 
 
 def predict_cli(*args: str) -> subprocess.CompletedProcess:
@@ -48,6 +48,14 @@ def test_one_file_and_a_glob(trained_run):
     assert one.returncode == 0 and "img_000.jpg" in one.stdout and "#2" not in one.stdout
     pattern = predict_cli(ckpt, f"images={tree}/green/img_00*.jpg", "num_workers=0")
     assert pattern.returncode == 0 and pattern.stdout.count("img_00") == 10
+
+
+def test_a_folder_is_listed_as_training_lists_a_class(tmp_path):
+    """Was: images in hidden folders (.ipynb_checkpoints copies) predicted too, and symlinked sub-folders left out."""
+    tree = make_image_tree(tmp_path / "photos", {"a": 1, ".ipynb_checkpoints": 1, "sub/deeper": 1})
+    (tree / "a" / "notes.txt").write_text("not an image")
+    (tree / "linked").symlink_to(make_image_tree(tmp_path / "elsewhere", {"b": 1}) / "b")
+    assert [p.relative_to(tree).as_posix() for p in list_images(str(tree))] == ["a/img_000.jpg", "linked/img_000.jpg", "sub/deeper/img_000.jpg"]
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from tlexp.config import check_predict_config
 from tlexp.data.datamodule import ImageListDataset
-from tlexp.data.files import IMAGE_EXTENSIONS, Sample
+from tlexp.data.files import IMAGE_EXTENSIONS, Sample, image_files
 from tlexp.data.images import bad_image_policy
 from tlexp.data.transforms import Preprocessing, eval_transform
 from tlexp.errors import TlexpError
@@ -63,12 +63,15 @@ def load_model(path: str, channels_last: bool | None = None) -> Served:
 
 
 def list_images(spec: str) -> list[Path]:
-    """A file, a folder (searched recursively) or a glob pattern -> image files, sorted."""
+    """A file, a folder (searched recursively, as training lists a class) or a glob pattern -> image files, sorted."""
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
-    candidates = path.rglob("*") if path.is_dir() else (Path(p) for p in glob.glob(str(path), recursive=True))
-    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if path.is_dir():
+        files = image_files(path)
+    else:
+        candidates = (Path(p) for p in glob.glob(str(path), recursive=True))
+        files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not files:
         raise TlexpError(f"images={spec}: no image files found (give a file, a folder or a quoted glob like 'photos/*.jpg')")
     return files

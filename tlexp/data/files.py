@@ -29,7 +29,7 @@ class Sample:
     label: int
 
 
-def _images(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder``, hidden ones left out; symlinked sub-folders are followed (each real folder once)."""
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -54,7 +54,7 @@ def check_root(root: Path, hint: str) -> None:
 
 def list_classes(root: Path) -> dict[str, list[Path]]:
     """Class name → its image files; errors for a tree that cannot make a classifier."""
-    classes = {d.name: _images(d) for d in _class_dirs(root)}
+    classes = {d.name: image_files(d) for d in _class_dirs(root)}
     if not classes:
         raise TlexpError(f"{root} has no class sub-folders: expected {root}/<class name>/<images>")
     empty = [name for name, files in classes.items() if not files]
