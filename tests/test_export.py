@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import run_module
 from tlexp.data.images import load_rgb
@@ -100,6 +101,26 @@ def test_export_without_images_to_check_is_refused(tmp_path, trained_run):
     lonely.write_bytes((run / "checkpoints" / "best.ckpt").read_bytes())  # away from its run dir
     result = run_module("tlexp.export", f"ckpt={lonely}", f"out={tmp_path / 'out'}")
     assert result.returncode == 2 and "images=" in result.stderr
+
+
+def test_a_run_whose_images_moved_says_so(tmp_path, trained_run):
+    """Was: 'the run's split.csv was not found', though it was: its test images were no longer under data.root."""
+    _, run = trained_run
+    moved = tmp_path / "run"
+    (moved / "checkpoints").mkdir(parents=True)
+    for name in ("best.ckpt", "best.ckpt.sha256"):
+        (moved / "checkpoints" / name).write_bytes((run / "checkpoints" / name).read_bytes())
+    (moved / "split.csv").write_bytes((run / "split.csv").read_bytes())
+    (moved / ".hydra").mkdir()
+    config = OmegaConf.load(run / ".hydra" / "config.yaml")
+    config.data.root = str(tmp_path / "gone")
+    OmegaConf.save(config, moved / ".hydra" / "config.yaml")
+    result = run_module("tlexp.export", f"ckpt={moved / 'checkpoints' / 'best.ckpt'}", "formats=[torchscript]")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [(
+        f"tlexp-export: error: none of the 6 test images in {moved / 'split.csv'} is under data.root={tmp_path / 'gone'} now: "
+        "pass images=<file|folder|glob>"
+    )]
+    assert not (moved / "export").exists()
 
 
 def test_a_corrupt_file_among_the_images_is_left_out(trained_run, tmp_path):

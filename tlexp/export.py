@@ -38,15 +38,18 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", ca
 
 
 def _images_of_run(ckpt: Path) -> list[Path]:
-    """The test images of the run the checkpoint came from (its split.csv), if it is still there."""
+    """The test images of the run the checkpoint came from (its split.csv) that are still there."""
     split_file = ckpt.resolve().parent.parent / "split.csv"
     config = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
     if not split_file.exists() or not config.exists():
-        return []
+        raise TlexpError("no images to verify the export on: pass images=<file|folder|glob> (the run's split.csv was not found)")
     root = Path(str(OmegaConf.load(config).data.root)).expanduser()
     with open(split_file, encoding="utf-8", errors="surrogateescape") as f:
         rows = [r for r in csv.DictReader(f) if r["subset"] == SUBSETS[2]]
-    return [root / r["path"] for r in rows if (root / r["path"]).exists()]
+    files = [root / r["path"] for r in rows if (root / r["path"]).exists()]
+    if not files:  # the data moved, or data.root was relative to another working directory
+        raise TlexpError(f"none of the {len(rows)} test images in {split_file} is under data.root={root} now: pass images=<file|folder|glob>")
+    return files
 
 
 def export(cfg: DictConfig) -> dict:
@@ -61,8 +64,6 @@ def export(cfg: DictConfig) -> dict:
     if module.tta == "flip":  # the served model is the one tested: with its mirror average
         model = MirrorAveraged(model).eval()
     files = list_images(str(cfg.images)) if cfg.images else _images_of_run(ckpt)
-    if not files:
-        raise TlexpError("no images to verify the export on: pass images=<file|folder|glob> (the run's split.csv was not found)")
     bad = bad_image_policy(files, "skip", "images", None, torch.get_num_threads())  # a corrupt file is left out, not a traceback
     files = [f for f in files if f not in bad][: cfg.verify_images]
     if not files:
