@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, make_image_tree, read_metrics, run_module
-from tlexp.predict import list_images, load_model
+from tlexp.predict import list_images, load_model, print_table
 
 
 def predict_cli(*args: str) -> subprocess.CompletedProcess:
@@ -56,6 +56,14 @@ def test_a_folder_is_listed_as_training_lists_a_class(tmp_path):
     (tree / "a" / "notes.txt").write_text("not an image")
     (tree / "linked").symlink_to(make_image_tree(tmp_path / "elsewhere", {"b": 1}) / "b")
     assert [p.relative_to(tree).as_posix() for p in list_images(str(tree))] == ["a/img_000.jpg", "linked/img_000.jpg", "sub/deeper/img_000.jpg"]
+
+
+def test_the_table_tells_images_of_one_name_apart(tmp_path, capsys):
+    """Was: both rows named img_000.jpg, so which prediction was whose could not be told."""
+    files = [tmp_path / "green" / "img_000.jpg", tmp_path / "red" / "img_000.jpg"]
+    print_table(files, torch.tensor([[0.9, 0.1], [0.2, 0.8]]), ["green", "red"], 1, 50)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "img_000" in line]
+    assert rows == [["│", "green/img_000.jpg", "│", "green", "90.0%", "│"], ["│", "red/img_000.jpg", "│", "red", "80.0%", "│"]]
 
 
 @pytest.mark.parametrize(

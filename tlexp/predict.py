@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -130,13 +131,15 @@ def write_csv(
 
 
 def print_table(files: list[Path], probs: torch.Tensor, class_names: list[str], top_k: int, limit: int) -> None:
+    """Each image by its path below the folder they share, so red/img_000.jpg and green/img_000.jpg stay apart."""
     table = Table(title=f"top-{top_k} predictions")
     table.add_column("image")
     for i in range(top_k):
         table.add_column(f"#{i + 1}")
     top = probs.topk(top_k, dim=1)
+    shared = Path(os.path.commonpath([f.parent for f in files]))
     for file, values, indices in list(zip(files, top.values.tolist(), top.indices.tolist()))[:limit]:
-        table.add_row(file.name, *[f"{class_names[i]} {v:.1%}" for v, i in zip(values, indices)])
+        table.add_row(str(file.relative_to(shared)), *[f"{class_names[i]} {v:.1%}" for v, i in zip(values, indices)])
     console = Console()
     console.print(table)
     if len(files) > limit:
