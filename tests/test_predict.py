@@ -73,7 +73,8 @@ def test_the_table_tells_images_of_one_name_apart(tmp_path, capsys):
         (("images=/nonexistent/*.jpg",), "no image files found"),
         (("images=.", "csv=/nonexistent/folder/p.csv"), "csv=/nonexistent/folder/p.csv: the folder /nonexistent/folder does not exist"),
         # refused before the checkpoint or any image is read (was: IsADirectoryError after predicting every image)
-        (("ckpt=/nonexistent/best.ckpt", "images=/nonexistent/*.jpg", "csv=tests"), "csv=tests is a folder: give a file name, such as csv=tests/predictions.csv"),
+        (("ckpt=/nonexistent/best.ckpt", "images=/nonexistent/*.jpg", "csv=tests"), "csv=tests names a folder: give a file name, such as csv=tests/predictions.csv"),
+        (("images=.", "csv=results/"), "csv=results/ names a folder: give a file name, such as csv=results/predictions.csv"),
     ],
 )
 def test_bad_input_is_one_clear_error(trained_run, args, message):

@@ -151,8 +151,8 @@ def csv_destination(setting: str | None) -> Path | None:
     if not setting:
         return None
     path = Path(setting).expanduser()
-    if path.is_dir():
-        raise TlexpError(f"csv={setting} is a folder: give a file name, such as csv={Path(setting) / 'predictions.csv'}")
+    if path.is_dir() or setting.endswith("/"):  # csv=results/ would otherwise write a file named results
+        raise TlexpError(f"csv={setting} names a folder: give a file name, such as csv={Path(setting) / 'predictions.csv'}")
     if not path.parent.is_dir():
         raise TlexpError(f"csv={setting}: the folder {path.parent} does not exist")
     return path
