@@ -134,6 +134,9 @@ def test_bad_config_is_one_clear_error(tmp_path, tiny_tree, overrides, fragments
         (["strategy=blocks_2", "finetune.phase_b_epochs=0"],
          ("strategy=blocks_2 unfreezes backbone modules in phase B, but finetune.phase_b_epochs=0: "
           "use strategy=frozen for a head-only run, or give finetune.phase_b_epochs >= 1")),
+        (["strategy=blocks_2", "finetune.backbone_lr_factor=0"],
+         ("strategy=blocks_2 unfreezes backbone modules in phase B, but finetune.backbone_lr_factor=0 gives them "
+          "learning rate 0: use strategy=frozen for a head-only run, or give finetune.backbone_lr_factor > 0")),
         (["trainer=ddp"],
          "trainer.accelerator=gpu, but this machine has no GPU (torch.cuda.is_available() is false): use trainer=ddp_cpu (DDP over 2 CPU processes)"),
     ],

@@ -83,7 +83,7 @@ def check_config(cfg) -> None:
         for key, choices in CHOICES.items()
         if OmegaConf.select(cfg, key) not in choices
     ]
-    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) if not problems else []
+    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
 
@@ -129,6 +129,15 @@ def _epoch_problems(cfg) -> list[str]:
         return [(f"strategy={strategy} unfreezes backbone modules in phase B, but finetune.phase_b_epochs=0: "
                  "use strategy=frozen for a head-only run, or give finetune.phase_b_epochs >= 1")]
     return []
+
+
+def _still_phase_b_problems(cfg) -> list[str]:
+    """A phase B at learning rate 0 moves no backbone weight (BatchNorm statistics only), yet its record
+    would list the unfrozen modules and count their parameters as trained."""
+    if cfg.strategy == "frozen" or cfg.finetune.backbone_lr_factor != 0:
+        return []
+    return [(f"strategy={cfg.strategy} unfreezes backbone modules in phase B, but finetune.backbone_lr_factor=0 gives them "
+             "learning rate 0: use strategy=frozen for a head-only run, or give finetune.backbone_lr_factor > 0")]
 
 
 def check_devices(cfg) -> None:
