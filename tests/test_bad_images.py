@@ -63,6 +63,44 @@ def test_odd_but_valid_images_load_as_rgb(tmp_path):
     assert np.abs(sixteen.astype(int) - eight.astype(int)).max() <= 1  # scaled, not clipped to white
 
 
+GRADIENTS = {  # mode, first and last value of a 64 x 64 gradient (row by row) -> 0 ... 255
+    "int32_8bit_range": ("I", 0, 255),
+    "int32_16bit_range": ("I", 0, 65535),
+    "int32_wide_range": ("I", 0, 2_000_000_000),
+    "int32_negative": ("I", -70_000, 70_000),
+    "float_0_to_1": ("F", 0.0, 1.0),
+    "float_0_to_1000": ("F", 0.0, 1000.0),
+    "float_negative": ("F", -1.5, 2.5),
+    "uint16": ("I;16", 0, 65535),
+}
+
+
+@pytest.mark.parametrize("case", GRADIENTS)
+def test_32_bit_and_float_images_are_scaled_to_a_gradient_not_white_or_black(tmp_path, case):
+    """A 32-bit integer TIFF was scaled as 16-bit (white, or black at 0-255); a 0-1 float one came out black."""
+    mode, first, last = GRADIENTS[case]
+    dtype = {"I": np.int32, "F": np.float32, "I;16": np.uint16}[mode]
+    values = np.linspace(first, last, 64 * 64).astype(dtype).reshape(64, 64)
+    Image.fromarray(values, None if mode == "I;16" else mode).save(tmp_path / "gradient.tif")
+    grey = np.asarray(load_rgb(tmp_path / "gradient.tif"))[..., 0].ravel()
+    assert (grey.min(), grey.max()) == (0, 255)
+    assert (np.diff(grey.astype(int)) >= 0).all()  # monotonic
+    assert len(np.unique(grey)) == 256  # every level, not a few steps
+    assert abs(np.median(grey) - 127.5) <= 2  # linear: mid-grey in the middle, not clipped to white
+    if case == "int32_8bit_range":
+        assert (grey == values.ravel()).all()  # 0-255 kept as it is
+
+
+def test_a_dark_16_bit_image_stays_dark_and_nan_is_black(tmp_path):
+    Image.fromarray(np.full((8, 8), 2570, np.uint16)).save(tmp_path / "dark.png")  # 2570 = 10 * 257
+    assert np.asarray(load_rgb(tmp_path / "dark.png")).max() == 10
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    values[0, 0] = np.nan
+    Image.fromarray(values, "F").save(tmp_path / "nan.tif")
+    grey = np.asarray(load_rgb(tmp_path / "nan.tif"))[..., 0]
+    assert (grey[0, 0], grey.max()) == (0, 255)
+
+
 def test_huge_image_loads(tmp_path):
     """Issue 15: 14000 x 14000 (196 megapixels) is past PIL's decompression-bomb limit, not tlexp's."""
     Image.new("RGB", (14000, 14000), (10, 200, 30)).save(tmp_path / "huge.jpg", quality=50)

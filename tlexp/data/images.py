@@ -30,15 +30,40 @@ Image.MAX_IMAGE_PIXELS = 500_000_000
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """8-bit RGB, upright: EXIF rotation applied; grey, palette, RGBA, CMYK converted; 16-bit scaled.
+    """8-bit RGB, upright: EXIF rotation applied; grey, palette, RGBA, CMYK converted; 16-bit, 32-bit, float scaled.
 
-    PIL's own ``convert("RGB")`` clips 16-bit grey values at 255 (a nearly white image): scale first.
+    PIL's own ``convert("RGB")`` clips 16-bit, 32-bit and float values at 255 or 0 (a white or black
+    image): see ``_to_8_bit`` for how they are scaled first.
     """
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+        if image.mode.startswith("I") or image.mode == "F":
+            image = Image.fromarray(_to_8_bit(np.asarray(image), sixteen_bit=image.mode.startswith("I;16")))
         return image.convert("RGB")
+
+
+def _to_8_bit(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """One grey channel of a 16-bit (I;16), 32-bit integer (I) or float (F) image, as 0-255 uint8.
+
+    A 16-bit file declares its depth: its high byte (65535 -> 255), so a dark image stays dark. An I
+    image (a 32-bit TIFF, or an array) declares none, so the values tell: 0-255 kept as they are,
+    0-65535 its high byte too. A float image's convention is 0-1: times 255. Any other range (wider
+    integers, floats past 1, depth maps) has no convention: divided by its maximum, so 0 stays black,
+    or stretched from its minimum to its maximum when it has negative values. NaN is black.
+    """
+    if sixteen_bit:
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if values.dtype.kind != "f" and low >= 0 and high <= 65535:
+        return (values if high <= 255 else values.astype(np.int64) >> 8).astype(np.uint8)
+    if values.dtype.kind == "f" and low >= 0 and high <= 1:
+        high = 1.0
+    low = min(low, 0.0)
+    scaled = np.nan_to_num(values.astype(np.float32), nan=low, posinf=high, neginf=low)
+    scaled -= low
+    scaled *= 255 / (high - low) if high > low else 0
+    return np.rint(scaled, out=scaled).clip(0, 255).astype(np.uint8)
 
 
 def decode_error(path: Path) -> str | None:
