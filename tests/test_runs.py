@@ -128,3 +128,34 @@ def test_a_job_whose_config_lacks_a_required_value_is_recorded(tmp_path, compose
         raise MissingMandatoryValue("Missing mandatory value: model.name")
     record = read_record(tmp_path)
     assert (record["status"], record["model"], record["error"]) == ("failed", None, "MissingMandatoryValue: Missing mandatory value: model.name")
+
+
+def test_ctrl_c_anywhere_is_an_interruption_and_a_librarys_exit_a_failure(tmp_path, compose_cfg):
+    """Ctrl+C outside Lightning's loops left no record (the table said killed); a library's sys.exit(1) was
+    recorded as "stopped by SIGINT" with a resume command."""
+    import sys
+
+    from tlexp.record import read_record
+
+    cfg = compose_cfg("model=resnet18")
+
+    def lightning_after_ctrl_c():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    def library_exit():
+        sys.exit(1)
+
+    def listing_images():
+        raise KeyboardInterrupt
+
+    for name, stop, code in (("lightning", lightning_after_ctrl_c, 1), ("library", library_exit, 1), ("listing", listing_images, 130)):
+        with pytest.raises(SystemExit) as exited, runs.recorded(cfg, tmp_path / name, False, ["model=resnet18"]):
+            (tmp_path / name).mkdir()
+            stop()
+        assert exited.value.code == code
+    assert read_record(tmp_path / "lightning")["status"] == read_record(tmp_path / "listing")["status"] == "interrupted"
+    assert "stopped by SIGINT; no epoch had finished; start it again with: tlexp-train model=resnet18" in read_record(tmp_path / "listing")["error"]
+    assert (read_record(tmp_path / "library")["status"], read_record(tmp_path / "library")["error"]) == ("failed", "SystemExit: 1")

@@ -128,10 +128,15 @@ def recorded(cfg, run_dir: Path, in_sweep: bool, overrides: list[str]):
     except SIGTERMException:  # Lightning stopped after the current batch; last.ckpt holds the last whole epoch
         record_interruption(cfg, run_dir, "SIGTERM", overrides)
         sys.exit(128 + signal.SIGTERM)
-    except SystemExit as exc:  # Lightning exits 1 after Ctrl+C (SIGINT)
-        if exc.code not in (0, None):
+    except SystemExit as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # Lightning exits 1 after Ctrl+C (SIGINT)
             record_interruption(cfg, run_dir, "SIGINT", overrides)
+        elif exc.code not in (0, None):  # a library's sys.exit(1): a failure to look into, not a run to resume
+            record_failure(cfg, run_dir, exc)
         raise
+    except KeyboardInterrupt:  # Ctrl+C outside Lightning's loops: listing or checking images, the speed timing
+        record_interruption(cfg, run_dir, "SIGINT", overrides)
+        sys.exit(128 + signal.SIGINT)
     except (TlexpError, MissingMandatoryValue) as exc:
         _fail_clearly(cfg, run_dir, exc, in_sweep)
     except Exception as exc:
