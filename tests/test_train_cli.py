@@ -327,6 +327,8 @@ def test_cfg_job_refuses_what_the_run_would_refuse(overrides, error):
         ("tlexp.train", ["lr=0.1", "data.batchsize=3"], "tlexp-train: error: lr is not a setting (did you mean optim.lr?)"),
         ("tlexp.predict", ["ckpt=best.ckpt"], "tlexp-predict: error: images has no value: give images=..."),
         ("tlexp.export", [], "tlexp-export: error: ckpt has no value: give ckpt=..."),
+        ("tlexp.predict", ["ckpt=best.ckpt", "images=x", "csv=~/p.csv"],
+         "tlexp-predict: error: csv=~/p.csv: Hydra reads a ~ after = as its delete operator: quote the value for Hydra, \"csv='~/p.csv'\""),
     ],
 )
 def test_what_hydra_would_refuse_in_twenty_lines_is_one(module, args, error):

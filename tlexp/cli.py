@@ -60,6 +60,7 @@ def composed_or_refused(config_name: str, tool: str, args: list[str]) -> DictCon
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
+        _refuse_home_paths(tool, overrides)
         return None
     with initialized():
         first = []
@@ -140,6 +141,16 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     if not close:  # `lr` for `optim.lr`: the same last part under another group
         close = [k for k in known if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:1]
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _refuse_home_paths(tool: str, overrides: list[str]) -> None:
+    """``csv=~/p.csv`` reaches Hydra unexpanded from shells other than bash (or quoted), and its grammar
+    reads that ``~`` as the delete operator: four lines of a lexer's error, not a path."""
+    for override in overrides:
+        key, is_setting, value = override.partition("=")
+        if is_setting and value.startswith("~"):
+            _refuse(tool, f"{override}: Hydra reads a ~ after = as its delete operator: quote the value for Hydra, "
+                          f"\"{key}='{value}'\" (tlexp expands the ~), or give the whole path")
 
 
 def _refuse(tool: str, message: str) -> NoReturn:
