@@ -107,3 +107,18 @@ def test_resuming_a_run_on_a_disk_made_read_only_is_refused_in_one_line(tmp_path
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     line = _one_clear_line(train(disk / "run", tiny_tree, *RESNET18, "strategy=frozen", "resume=true", check=False))
     assert line.startswith(f"tlexp-train: error: {disk / 'run'} is not writable")
+
+
+def test_the_table_of_a_sweep_on_a_read_only_disk_is_one_line(tmp_path, mounts, capsys):
+    """Was: an OSError traceback from writing table.md; the table is still shown with --print."""
+    from tests.test_sweep import LR_X_STRATEGY, _hand_made_sweep
+    from tlexp.report.table import main as table_main
+
+    disk = mounts(tmp_path / "disk", "5m")
+    _hand_made_sweep(disk / "sweep", LR_X_STRATEGY)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert table_main([str(disk / "sweep"), "--print"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("|") and out.count("blocks_1") == 2  # the table, shown though not saved
+    assert err == (f"tlexp-table: error: cannot write the table's files in {disk / 'sweep'} (Read-only file system): "
+                   "copy the sweep to a folder you can write\n")

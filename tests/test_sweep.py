@@ -331,3 +331,11 @@ def test_best_config_is_the_config_the_best_record_was_computed_with(tmp_path):
     WriteBestTrial().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
     assert (sweep / "best_config.yaml").read_text() == "optim:\n  lr: 0.001\nseed: 42\n"
     assert json.loads((sweep / "best_trial.json").read_text())["job_dir"] == str(best)
+
+
+def test_a_seed_summary_of_an_earlier_table_is_removed_when_the_repeats_are_gone(tmp_path):
+    """Was: table_seeds.md of an earlier tlexp-table stayed beside a table that has no repeats any more."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY)
+    (sweep / "table_seeds.md").write_text("| Strategy | Seeds |\n")
+    assert table_main([str(sweep)]) == 0
+    assert not (sweep / "table_seeds.md").exists() and (sweep / "table.md").exists()

@@ -363,6 +363,24 @@ def _number(text) -> float | None:
     return float(str(text).replace(",", "").replace("%", "").strip())
 
 
+def write_files(rows: list[dict], table: str, groups, summary: str, sweep_dir: Path, shown: bool) -> list[str]:
+    """The table's files in the sweep dir; a ``table_seeds.md`` of an earlier run without repeats now is removed."""
+    try:
+        (sweep_dir / "table.md").write_text(table)
+        write_csv(rows, sweep_dir / "table.csv")
+        written = ["table.md", "table.csv", accuracy_plot(rows, sweep_dir, groups), "curves.png"]
+        curves(rows, sweep_dir / "curves.png")
+        if groups:
+            (sweep_dir / "table_seeds.md").write_text(summary)
+            written.append("table_seeds.md")
+        else:
+            (sweep_dir / "table_seeds.md").unlink(missing_ok=True)
+    except OSError as exc:  # a read-only or full disk: the table is still worth reading
+        raise TlexpError(f"cannot write the table's files in {sweep_dir} ({exc.strerror or exc}): copy the sweep to a folder you "
+                         f"can write{'' if shown else ', or add --print to see the table without them'}") from exc
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tlexp-table", description=__doc__)
     parser.add_argument("sweep_dir", type=Path, help="a Hydra sweep directory, e.g. outputs/multirun/<stamp>")
@@ -381,21 +399,13 @@ def main(argv: list[str] | None = None) -> int:
             known = [r for r in rows if r.get(args.sort) is not None and r[args.sort] == r[args.sort]]
             rows = sorted(known, key=lambda r: r[args.sort], reverse=args.descending) + [r for r in rows if r not in known]
         table = markdown(rows)
-        (args.sweep_dir / "table.md").write_text(table)
-        write_csv(rows, args.sweep_dir / "table.csv")
         groups = repeats.repeat_groups(rows, swept(rows))
-        plot = accuracy_plot(rows, args.sweep_dir, groups)
-        curves(rows, args.sweep_dir / "curves.png")
-        written = ["table.md", "table.csv", plot, "curves.png"]
-        if groups:
-            lines = repeats.separations(groups)
-            summary = repeats.markdown(groups) + "\n" + "".join(f"- {line}\n" for line in lines)
-            (args.sweep_dir / "table_seeds.md").write_text(summary)
-            written.append("table_seeds.md")
+        summary = repeats.markdown(groups) + "\n" + "".join(f"- {line}\n" for line in repeats.separations(groups)) if groups else ""
         if args.show:
             print(table)
             if groups:
                 print(summary)
+        written = write_files(rows, table, groups, summary, args.sweep_dir, args.show)
         if reference is not None:
             print(compare(rows, reference, args.compare))
     except TlexpError as exc:
