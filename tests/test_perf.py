@@ -156,6 +156,8 @@ def test_the_table_says_when_a_speed_was_timed_beside_other_jobs():
     setup = {"device": "cuda", "device_name": "NVIDIA H200", "runtime": "cudagraph"}
     assert _speed_on(setup) == "cuda: NVIDIA H200 (cudagraph)"
     assert _speed_on(setup | {"sweep_jobs": 8}) == "cuda: NVIDIA H200 (cudagraph, 8 jobs at once)"
+    assert _speed_on(setup | {"precision": "32-true"}) == "cuda: NVIDIA H200 (cudagraph)"
+    assert _speed_on(setup | {"precision": "bf16-mixed", "sweep_jobs": 8}) == "cuda: NVIDIA H200 (cudagraph, bf16-mixed, 8 jobs at once)"
 
 
 def test_the_record_names_the_precision_that_ran(tmp_path, tiny_tree):

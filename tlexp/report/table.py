@@ -116,12 +116,14 @@ def _row(job: Path) -> dict:
 
 
 def _speed_on(setup: dict | None) -> str | None:
-    """Where (and how) ms/image was timed: a GPU's figure is no CPU's."""
+    """Where (and how) ms/image was timed: a GPU's figure is no CPU's, nor a bf16 one an fp32 one (records
+    before ``precision`` was kept were timed in fp32)."""
     if not setup:
         return None
     name = setup.get("device_name") or setup.get("processor")
+    precision = "" if setup.get("precision", "32-true") == "32-true" else f", {setup['precision']}"
     shared = f", {setup['sweep_jobs']} jobs at once" if setup.get("sweep_jobs", 1) > 1 else ""
-    return f"{setup.get('device', 'cpu')}: {name} ({setup['runtime']}{shared})"
+    return f"{setup.get('device', 'cpu')}: {name} ({setup['runtime']}{precision}{shared})"
 
 
 def _job_order(name: str):
