@@ -126,3 +126,18 @@ def test_a_run_leaves_no_figure_open_and_its_event_files_written(tiny_tree, tmp_
     assert still_open.read_text() == "0 0"
     if not loggers:
         assert _events(run).Scalars("final/test_acc")[0].value == pytest.approx(read_metrics(run)["test_acc"])
+
+
+@pytest.mark.parametrize("classes", [5, 102])
+def test_the_confusion_matrix_of_many_classes_is_a_bounded_figure(classes):
+    """102 classes (Oxford Flowers) made a 73-inch, 7,300-pixel square with 10,404 count labels; now colour alone
+    past 30 classes, at most 20 inches high. Five classes keep a count in every cell."""
+    from tlexp.callbacks.dashboard import confusion_figure
+
+    matrix = [[3 if i == j else 1 for j in range(classes)] for i in range(classes)]
+    fig = confusion_figure(matrix, [f"class {i}" for i in range(classes)])
+    width, height = fig.get_size_inches()
+    counts = [t for t in fig.axes[0].texts if t.get_text().isdigit()]
+    assert height <= 20 and width <= 21.5
+    assert len(counts) == (classes * classes if classes <= 30 else 0)
+    fig.clf()

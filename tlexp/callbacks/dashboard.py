@@ -14,6 +14,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from tlexp.report.plotting import closing_figures, pyplot
 
+COUNTED_CLASSES = 30  # a confusion matrix of more classes is colour alone: the counts no longer fit their cells
+MAX_INCHES = 20
+
 
 def tensorboard_writers(trainer) -> list:
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
@@ -27,18 +30,21 @@ def confusion_figure(matrix: list[list[int]], names: list[str]):
     plt = pyplot()
     counts = torch.tensor(matrix, dtype=torch.float64)
     recall = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    size = 1.6 + 0.7 * len(names)
+    # bounded: 102 classes made a 7,300-pixel square with 10,404 labels
+    counted = len(names) <= COUNTED_CLASSES
+    size = min(1.6 + 0.7 * len(names), MAX_INCHES)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(names)):
+    image = ax.imshow(recall.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)) if counted else []:
         for j in range(len(names)):
             ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
                     color="white" if recall[i, j] > 0.5 else "black", fontsize=9)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    small = {} if counted else {"fontsize": 5}
+    ax.set_xticks(range(len(names)), names, rotation=45 if counted else 90, ha="right" if counted else "center", **small)
+    ax.set_yticks(range(len(names)), names, **small)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("test confusion matrix (counts; colour = row share)")
+    ax.set_title(f"test confusion matrix ({'counts; ' if counted else ''}colour = row share)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
