@@ -137,3 +137,24 @@ def test_a_corrupt_file_among_the_images_is_left_out(trained_run, tmp_path):
     assert "broken.jpg" in result.stdout + result.stderr
     assert json.loads((tmp_path / "out" / "model.json").read_text())["verified_on_images"] == 3
 
+
+
+def test_only_as_many_images_as_the_check_uses_are_decoded(tmp_path, monkeypatch):
+    """Was: every file of images= decoded before the first verify_images were taken (slow on a folder of thousands)."""
+    from PIL import Image
+
+    from tlexp.data import images
+    from tlexp.export import _decoding
+
+    files = []
+    for i in range(20):
+        files.append(tmp_path / f"{i:02d}.png")
+        if i in (1, 2):
+            files[-1].write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (8, 8)).save(files[-1])
+    checked, find = [], images.find_unreadable
+    monkeypatch.setattr(images, "find_unreadable", lambda paths, *a: checked.extend(paths) or find(paths, *a))
+    good, bad = _decoding(files, 4)
+    assert good == [files[0], *files[3:6]] and sorted(bad) == files[1:3]
+    assert checked == files[:8]  # two batches of 4: the second makes up for the two bad files

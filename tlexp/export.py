@@ -52,6 +52,19 @@ def _images_of_run(ckpt: Path) -> list[Path]:
     return files
 
 
+def _decoding(files: list[Path], wanted: int) -> tuple[list[Path], dict[Path, str]]:
+    """The first ``wanted`` files that decode, and those that did not (left out with a warning, not a
+    traceback); decoded a batch at a time, so a folder of thousands costs only what the check uses."""
+    good, bad = [], {}
+    for start in range(0, len(files), wanted):
+        batch = files[start:start + wanted]
+        bad |= bad_image_policy(batch, "skip", "images", None, torch.get_num_threads())
+        good += [f for f in batch if f not in bad]
+        if len(good) >= wanted:
+            break
+    return good[:wanted], bad
+
+
 def export(cfg: DictConfig) -> dict:
     check_export_config(cfg)
     ckpt = Path(cfg.ckpt).expanduser()
@@ -63,9 +76,7 @@ def export(cfg: DictConfig) -> dict:
     model = nn.Sequential(module.backbone, module.head).eval()
     if module.tta == "flip":  # the served model is the one tested: with its mirror average
         model = MirrorAveraged(model).eval()
-    files = list_images(str(cfg.images)) if cfg.images else _images_of_run(ckpt)
-    bad = bad_image_policy(files, "skip", "images", None, torch.get_num_threads())  # a corrupt file is left out, not a traceback
-    files = [f for f in files if f not in bad][: cfg.verify_images]
+    files, bad = _decoding(list_images(str(cfg.images)) if cfg.images else _images_of_run(ckpt), cfg.verify_images)
     if not files:
         raise TlexpError(f"none of the {len(bad)} image file(s) to verify the export on decodes: pass images=<good images>")
     transform = eval_transform(pre)
