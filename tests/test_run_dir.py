@@ -154,16 +154,19 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught(tmp_path, tree, finished):
 
 
 def test_leftovers_of_a_kill_are_removed_and_an_all_damaged_resume_says_so(tmp_path, tree, finished):
-    """Issue 15: a killed checkpoint write's .tmp goes at the next start; no intact checkpoint: said, then epoch 0."""
+    """Issue 15: a killed checkpoint write's .tmp (and a killed LR search's weights) go at the next start; no intact
+    checkpoint: said, then epoch 0."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "metrics.json").unlink()
     (run / "checkpoints" / ".last.ckpt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    (run / ".lr_find_0c1d.ckpt").write_bytes(b"Lightning's copy of the weights during an LR search")
     for ckpt in (run / "checkpoints").glob("*.ckpt"):
         ckpt.write_bytes(b"not a checkpoint any more")
     train(run, tree, *SCHEDULE, "resume=true")
     log = (run / "train.log").read_text()
     assert "removed .last.ckpt.x1y2.tmp" in log and not list((run / "checkpoints").glob(".*.tmp"))
+    assert "removed .lr_find_0c1d.ckpt, left by an LR search that was killed" in log and not list(run.glob(".lr_find_*"))
     assert "every checkpoint in" in log and "training starts again from epoch 0" in log
     assert read_metrics(run)["status"] == "completed" and len(read_metrics(run)["history"]) == 2
 

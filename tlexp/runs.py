@@ -284,6 +284,9 @@ def locked(run_dir: Path):
         for leftover in (run_dir / "checkpoints").glob(".*.tmp"):  # a checkpoint write that was killed: ours now
             leftover.unlink()
             log.info("removed %s, left by a checkpoint write that was killed", leftover.name)
+        for leftover in run_dir.glob(".lr_find_*.ckpt"):  # Lightning's copy of the weights, kept while it searches
+            leftover.unlink()
+            log.info("removed %s, left by an LR search that was killed", leftover.name)
         hold_ballast(run_dir)  # released before the run's record is written, however the run ends
         try:
             yield
