@@ -339,3 +339,25 @@ def test_a_seed_summary_of_an_earlier_table_is_removed_when_the_repeats_are_gone
     (sweep / "table_seeds.md").write_text("| Strategy | Seeds |\n")
     assert table_main([str(sweep)]) == 0
     assert not (sweep / "table_seeds.md").exists() and (sweep / "table.md").exists()
+
+
+def test_curves_leave_out_a_job_whose_record_is_of_another_config(tmp_path, monkeypatch):
+    """Was: a mismatch row (metrics.json computed with another config than its .hydra/config.yaml) drawn as a run."""
+    from matplotlib.figure import Figure
+
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    for job in sweep.iterdir():
+        record = json.loads((job / "metrics.json").read_text())
+        record["history"] = [{"epoch": 0, "train_acc": 0.5, "val_acc": 0.6, "train_loss": 0.7, "val_loss": 0.6, "phase_b": False}]
+        (job / "metrics.json").write_text(json.dumps(record))
+        (job / ".hydra" / "config.yaml").write_text(record["run"]["hydra_files"]["config.yaml"])
+    (sorted(sweep.iterdir())[1] / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.5\nseed: 42\n")  # edited after it recorded
+    labels, save = {}, Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        labels[path.name] = fig.axes[0].get_legend_handles_labels()[1]
+        save(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    assert table_main([str(sweep)]) == 0
+    assert labels["curves.png"] == ["frozen · optim.lr=0.001"]

@@ -230,12 +230,13 @@ def accuracy_plot(rows: list[dict], sweep_dir: Path, groups: list[dict]) -> str:
 
 
 def curves(rows: list[dict], path: Path) -> None:
-    """Accuracy and loss per epoch, training dashed and validation solid, one colour per run."""
+    """Accuracy and loss per epoch, training dashed and validation solid, one colour per run: the completed
+    runs (a mismatch row's history is of another config than its job's)."""
     plt = pyplot()
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(13, 5.5))
     keys, switches, models = swept(rows), set(), _models(rows)
     with_model = len(models) > 1  # one model: named once, in the title
-    for i, row in enumerate(r for r in rows if r.get("history")):
+    for i, row in enumerate(r for r in rows if r.get("status") == "completed" and r.get("history")):
         colour = f"C{i % 10}"
         epochs = [e["epoch"] for e in row["history"]]
         for ax, metric, scale in ((acc, "acc", 100), (loss, "loss", 1)):
