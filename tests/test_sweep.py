@@ -361,3 +361,23 @@ def test_curves_leave_out_a_job_whose_record_is_of_another_config(tmp_path, monk
     monkeypatch.setattr(Figure, "savefig", spy)
     assert table_main([str(sweep)]) == 0
     assert labels["curves.png"] == ["frozen · optim.lr=0.001"]
+
+
+def test_a_speed_plot_without_timed_runs_says_why(tmp_path, monkeypatch):
+    """Was: an empty accuracy_vs_speed.png for a sweep over models run with profile.enabled=false."""
+    from matplotlib.figure import Figure
+
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    for i, job in enumerate(sorted(sweep.iterdir())):
+        record = json.loads((job / "metrics.json").read_text())
+        record |= {"model": ["resnet18", "mobilenet_v2"][i], "ms_per_image": None}
+        (job / "metrics.json").write_text(json.dumps(record))
+    texts, save = {}, Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        texts[path.name] = [t.get_text() for t in fig.axes[0].texts]
+        save(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    assert table_main([str(sweep)]) == 0
+    assert texts["accuracy_vs_speed.png"] == ["no completed run recorded ms_per_image (runs with profile.enabled=false are not timed)"]

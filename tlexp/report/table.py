@@ -208,6 +208,9 @@ def accuracy_plot(rows: list[dict], sweep_dir: Path, groups: list[dict]) -> str:
         for point in (p for p in done if p.get(key) is not None):
             ax.errorbar(point[key], point["acc"], yerr=point["err"] or None, fmt="o", markersize=6, capsize=4)
             labels.setdefault((point[key], point["acc"]), []).append(point["label"])
+        if not labels:  # an empty frame would say nothing of why
+            timed = " (runs with profile.enabled=false are not timed)" if key == "ms_per_image" else ""
+            ax.text(0.5, 0.5, f"no completed run recorded {key}{timed}", transform=ax.transAxes, ha="center", wrap=True)
         if log_x:
             ax.set_xscale("log")
         ax.margins(x=0.15, y=0.08)
