@@ -85,6 +85,17 @@ def test_auxiliary_classifiers_are_not_blocks_and_training_gives_features(name, 
     assert backbone.body.train()(torch.zeros(2, 3, 299, 299)).shape == (2, backbone.feature_dim)
 
 
+@pytest.mark.parametrize("name,last", [
+    ("densenet121", ["features.denseblock3,features.transition3", "features.denseblock4,features.norm5"]),
+    ("maxvit_t", ["blocks.2", "blocks.3,classifier"]),
+])
+def test_blocks_of_densenet_and_maxvit_are_their_blocks(name, last):
+    """Their last 'blocks' were the layers after the last block: DenseNet's norm5, MaxViT's pre-logits
+    LayerNorm and Linear (blocks_2 trained those two alone)."""
+    units = blocks(build_backbone("torchvision", name, None))
+    assert [u.name for u in units][-2:] == last and len(units) == 4
+
+
 def test_layers_follow_execution_order_up_to_pooling(resnet50):
     ops = layers(resnet50)
     assert [u.name for u in ops[-10:]] == [

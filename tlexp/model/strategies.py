@@ -4,7 +4,8 @@
   layer count: conv, norm, activation, residual add, ...), and the weights an op reads itself, up to
   the last op before global pooling.
 - ``blocks_N``: the last N architectural blocks (ResNet bottlenecks, inverted-residual blocks with
-  stem and last conv, VGG stages, ViT encoder layers, timm's own block grouping).
+  stem and last conv, VGG stages, ViT encoder layers, DenseNet dense blocks, MaxViT stages, timm's
+  own block grouping).
 """
 
 from __future__ import annotations
@@ -100,6 +101,22 @@ def _resnet_blocks(body: nn.Module) -> list[Unit]:
     return _units([(f"layer{i}", getattr(body, f"layer{i}")) for i in range(1, 5)])
 
 
+def _densenet_blocks(body: nn.Module) -> list[Unit]:
+    """A dense block with the layer after it, transition or closing norm5: else blocks_1 is norm5 alone."""
+    features = body.features._modules
+    dense = [n for n in features if n.startswith("denseblock")]
+    after = [f"transition{n.removeprefix('denseblock')}" for n in dense[:-1]] + ["norm5"]
+    return [Unit(f"features.{d},features.{a}", (features[d], features[a])) for d, a in zip(dense, after)]
+
+
+def _maxvit_stages(body: nn.Module) -> list[Unit]:
+    """Its stages; the classifier's pre-logits (LayerNorm, Linear: only the last Linear became the head)
+    train with the last stage, else blocks_2 would be those two layers alone."""
+    stages = [Unit(f"blocks.{i}", (m,)) for i, m in enumerate(body.blocks)]
+    pre_logits = tuple(m for m in body.classifier if _has_params(m))
+    return [*stages[:-1], Unit(f"{stages[-1].name},classifier", (*stages[-1].modules, *pre_logits))]
+
+
 # Per-architecture knowledge, one row per torchvision family (first match wins): what its blocks
 # are. A family without a row: the children of its ``features`` (MobileNet, EfficientNet, ...), else
 # of the body. timm models need no row: each declares its own grouping (``group_matcher``).
@@ -107,6 +124,8 @@ TORCHVISION_BLOCKS = (
     (torchvision.models.VisionTransformer, _vit_layers),
     (torchvision.models.VGG, _vgg_stages),
     (torchvision.models.ResNet, _resnet_blocks),
+    (torchvision.models.DenseNet, _densenet_blocks),
+    (torchvision.models.MaxVit, _maxvit_stages),
 )
 
 
