@@ -159,3 +159,15 @@ def test_ctrl_c_anywhere_is_an_interruption_and_a_librarys_exit_a_failure(tmp_pa
     assert read_record(tmp_path / "lightning")["status"] == read_record(tmp_path / "listing")["status"] == "interrupted"
     assert "stopped by SIGINT; no epoch had finished; start it again with: tlexp-train model=resnet18" in read_record(tmp_path / "listing")["error"]
     assert (read_record(tmp_path / "library")["status"], read_record(tmp_path / "library")["error"]) == ("failed", "SystemExit: 1")
+
+
+def test_a_checkpoint_cut_short_without_its_digest_is_set_aside(tmp_path):
+    """A truncated checkpoint without a .sha256 beside it (an older tlexp's, or copied without it): torch.load's
+    memory map raises OSError (EINVAL) for it, which was taken for an error that is not damage: a traceback."""
+    folder = tmp_path / "checkpoints"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 1, "weights": torch.zeros(1000)}, folder / "last.ckpt")
+    (folder / "last.ckpt.sha256").unlink()
+    (folder / "last.ckpt").write_bytes((folder / "last.ckpt").read_bytes()[:-100])
+    cfg = OmegaConf.create({"ckpt_path": None, "resume": True})
+    assert runs.resume_point(cfg, tmp_path) == (None, None)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt.damaged"]

@@ -212,9 +212,10 @@ def _same_model(path, theirs: tuple, ours: tuple) -> None:
         raise RunDirRefused(f"ckpt_path={path} holds a {theirs[1]} ({theirs[0]}) model, this run builds {ours[1]}: pass the matching model=")
 
 
-# What torch.load raises for bytes that are not a whole checkpoint (truncated, overwritten, empty), and
-# verify_checkpoint's TlexpError for changed bytes. Anything else (no permission, no memory) is not damage.
-DAMAGED = (RuntimeError, pickle.UnpicklingError, EOFError, TlexpError)
+# What torch.load raises for bytes that are not a whole checkpoint (truncated: OSError EINVAL from its
+# memory map; overwritten, empty), and verify_checkpoint's TlexpError for changed bytes. Anything else
+# (no permission, no memory) is not damage.
+DAMAGED = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, TlexpError)
 
 
 def _readable_checkpoint(path: Path) -> bool:
@@ -222,6 +223,8 @@ def _readable_checkpoint(path: Path) -> bool:
     try:
         verify_checkpoint(path)
         torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except PermissionError:
+        raise
     except DAMAGED as exc:
         aside = path.with_name(path.name + ".damaged")
         os.replace(path, aside)
