@@ -36,13 +36,15 @@ def test_download_verifies_and_extracts(tmp_path, archive):
 
 
 def test_an_extraction_killed_mid_way_leaves_nothing_after_the_next_download(tmp_path, archive):
-    """Was: each SIGKILL during extraction left a hidden staging folder (TF Flowers: 230 MB) for good."""
+    """Was: each SIGKILL during extraction left a hidden staging folder (TF Flowers: 230 MB) for good. Another
+    data set's extraction beside it (flower_photos-v2, under its own lock) is left alone."""
     root = tmp_path / "cache" / "flower_photos"
-    killed = root.parent / ".flower_photos-k1ll3d" / "flower_photos" / "daisy"
+    killed = root.parent / ".flower_photos.extracting-k1ll3d" / "flower_photos" / "daisy"
     killed.mkdir(parents=True)
     (killed / "img_000.jpg").write_bytes(b"half")
+    (root.parent / ".flower_photos-v2.extracting-l1v3").mkdir()
     download_and_extract(archive.as_uri(), file_digest(archive), root)
-    assert sorted(p.name for p in root.parent.iterdir()) == ["flower_photos", "flower_photos.tgz"]
+    assert sorted(p.name for p in root.parent.iterdir()) == [".flower_photos-v2.extracting-l1v3", "flower_photos", "flower_photos.tgz"]
 
 
 def test_a_checksum_in_upper_case_is_the_same_checksum(tmp_path, archive):

@@ -71,9 +71,9 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
             part.unlink()
             raise TlexpError(f"{url} downloaded with sha256 {actual}, expected {sha256}: corrupt or changed; try again")
         os.replace(part, archive)
-    for leftover in parent.glob(f".{root.name}-*"):  # an extraction killed mid-way; under the lock, no other one runs
+    for leftover in parent.glob(f".{root.name}.extracting-*"):  # an extraction killed mid-way; under the lock, no other one runs
         shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.extracting-", dir=parent))
     try:
         try:
             with tarfile.open(archive) as tar:
