@@ -84,12 +84,13 @@ def test_only_a_damaged_checkpoint_is_set_aside(tmp_path, monkeypatch, error):
 
 
 def test_a_record_written_before_callbacks_were_compared_still_resumes(tmp_path, compose_cfg):
-    """Settings saved without ``callbacks.*`` keys (an older tlexp's) are compared on the rest alone."""
+    """Settings saved without ``callbacks.*`` keys and with eight ``trainer.*`` keys (an older tlexp's) are
+    compared on what they hold: a run started with debug=limit (+trainer.limit_train_batches) still resumes."""
     from tlexp.errors import RunDirRefused
     from tlexp.record import result_config
 
-    cfg = compose_cfg("callbacks=early_stopping")
-    older = {k: v for k, v in result_config(cfg).items() if not k.startswith("callbacks.")}
+    cfg = compose_cfg("callbacks=early_stopping", "+trainer.limit_train_batches=3")
+    older = {k: v for k, v in result_config(cfg).items() if not k.startswith("callbacks.") and k != "trainer.limit_train_batches"}
     runs.claim(cfg, tmp_path, {"run": {"settings": older}}, None)  # skipped as completed, not refused
     with pytest.raises(RunDirRefused, match=r"callbacks.early_stopping.patience: None -> 5"):
         runs.claim(cfg, tmp_path, {"run": {"settings": result_config(compose_cfg())}}, None)

@@ -331,8 +331,8 @@ def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:
         identity = done.get("run") if done is not None else _checkpoint_identity(ckpt_path)
         owned = done is not None or Path(ckpt_path).resolve().parent.parent == run_dir.resolve()
         saved, now = (identity or {}).get("settings", {}), result_config(cfg)
-        if not any(k.startswith("callbacks.") for k in saved):  # written by a tlexp that did not compare callbacks yet
-            now = {k: v for k, v in now.items() if not k.startswith("callbacks.")}
+        if not any(k.startswith("callbacks.") for k in saved):  # an older tlexp's: no callbacks, eight trainer keys compared
+            now = {k: v for k, v in now.items() if not k.startswith("callbacks.") and (not k.startswith("trainer.") or k in saved)}
         if identity and ckpt_path:  # the most common mistake first, in the words of the checkpoint check
             _same_model(ckpt_path, *((s.get("model.source"), s.get("model.name")) for s in (saved, now)))
         changed = differences(saved, now, ignore=EXTENDABLE) if identity else []
