@@ -45,18 +45,19 @@ def test_five_class_resnet50_reports_design_count(tmp_path):
 
 
 def test_a_run_stopped_before_phase_b_reports_what_trained(tmp_path, tiny_tree):
-    """trainer.max_epochs=1 ends a blocks_1 run after phase A: the head alone trained (was: phase B's count and
-    modules); resumed for longer, it reports phase B's."""
-    run, schedule = tmp_path / "run", ("model=resnet18", "strategy=blocks_1")
+    """trainer.max_epochs=1 ends a blocks_1 run in its first of two phase A epochs: the head alone trained, one
+    epoch of each phase recorded as trained (was: phase B's count and modules, phase A's configured 2 epochs);
+    resumed for longer, it reports phase B's."""
+    run, schedule = tmp_path / "run", ("model=resnet18", "strategy=blocks_1", "finetune.phase_a_epochs=2")
     train(run, tiny_tree, *schedule, "trainer.max_epochs=1")
     metrics = read_metrics(run)
     assert metrics["trainable_params"] == metrics["trainable_params_phase_a"] == 512 * 3 + 3
-    assert (metrics["unfrozen_modules"], metrics["phase_b_epochs"], metrics["epochs"]) == ([], 0, 1)
+    assert (metrics["unfrozen_modules"], metrics["phase_a_epochs"], metrics["phase_b_epochs"], metrics["epochs"]) == ([], 1, 0, 1)
     (run / "metrics.json").unlink()  # its checkpoint goes on: a longer run from where it stopped
-    train(run, tiny_tree, *schedule, "trainer.max_epochs=2", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    train(run, tiny_tree, *schedule, "trainer.max_epochs=3", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
     metrics = read_metrics(run)
     assert metrics["trainable_params"] == 512 * 3 + 3 + 2 * (512 * 512 * 9 + 2 * 512)  # + layer4.1: two convs, two BatchNorms
-    assert (metrics["unfrozen_modules"], metrics["phase_b_epochs"], metrics["epochs"]) == (["layer4.1"], 1, 2)
+    assert (metrics["unfrozen_modules"], metrics["phase_a_epochs"], metrics["phase_b_epochs"], metrics["epochs"]) == (["layer4.1"], 2, 1, 3)
 
 
 def test_frozen_strategy_stops_after_phase_a(tmp_path, tiny_tree):

@@ -183,7 +183,7 @@ def completed_record(
         "skipped_images": len(data.skipped),
         "skipped": data.skipped,
         "epochs": len(epochs),
-        "phase_a_epochs": cfg.finetune.phase_a_epochs,
+        "phase_a_epochs": sum(not e["phase_b"] for e in epochs),  # as trained: trainer.max_epochs or early stopping may end either
         "phase_b_epochs": sum(e["phase_b"] for e in epochs),
         "best_epoch": best.get("epoch"),
         **{k: best.get(k) for k in ("train_acc", "train_loss", "val_acc", "val_loss")},
