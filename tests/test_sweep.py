@@ -381,3 +381,25 @@ def test_a_speed_plot_without_timed_runs_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(Figure, "savefig", spy)
     assert table_main([str(sweep)]) == 0
     assert texts["accuracy_vs_speed.png"] == ["no completed run recorded ms_per_image (runs with profile.enabled=false are not timed)"]
+
+
+def test_curves_join_the_validated_epochs(tmp_path, monkeypatch):
+    """+trainer.check_val_every_n_epoch=2 leaves epoch 1 without val_acc: the validation line joins epochs 0 and 2
+    (was: a None in the line, which matplotlib draws as two loose markers)."""
+    from matplotlib.figure import Figure
+
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:1])
+    job = next(sweep.iterdir())
+    record = json.loads((job / "metrics.json").read_text())
+    record["history"] = [{"epoch": e, "train_acc": 0.5, "train_loss": 0.7, "phase_b": False} | ({} if e == 1 else {"val_acc": 0.6, "val_loss": 0.6})
+                         for e in range(3)]
+    (job / "metrics.json").write_text(json.dumps(record))
+    lines, save = {}, Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        lines[path.name] = [list(line.get_xdata()) for line in fig.axes[0].lines]
+        save(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    assert table_main([str(sweep)]) == 0
+    assert lines["curves.png"] == [[0, 1, 2], [0, 2]]  # training (dashed), validation (solid)

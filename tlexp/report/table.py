@@ -241,11 +241,11 @@ def curves(rows: list[dict], path: Path) -> None:
     with_model = len(models) > 1  # one model: named once, in the title
     for i, row in enumerate(r for r in rows if r.get("status") == "completed" and r.get("history")):
         colour = f"C{i % 10}"
-        epochs = [e["epoch"] for e in row["history"]]
         for ax, metric, scale in ((acc, "acc", 100), (loss, "loss", 1)):
             for subset, style in (("train", "--"), ("val", "-")):
-                values = [scale * e[f"{subset}_{metric}"] if e.get(f"{subset}_{metric}") is not None else None for e in row["history"]]
-                ax.plot(epochs, values, style, color=colour, marker=".", alpha=0.85,
+                key = f"{subset}_{metric}"  # an epoch not validated (check_val_every_n_epoch > 1) is left out, not a break in the line
+                drawn = [e for e in row["history"] if e.get(key) is not None]
+                ax.plot([e["epoch"] for e in drawn], [scale * e[key] for e in drawn], style, color=colour, marker=".", alpha=0.85,
                         label=_label(row, keys, with_model) if (subset, metric) == ("val", "acc") else None)
         if row.get("phase_b_epochs"):
             switches.add(row["phase_a_epochs"] - 0.5)
