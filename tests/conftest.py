@@ -30,6 +30,16 @@ def make_image_tree(root: Path, classes: dict[str, int], size=(40, 48), seed: in
     return root
 
 
+def red_images_and_broken_files(tree: Path, folder: Path, good: int, broken: dict[str, bytes]) -> Path:
+    """A new ``folder`` with the first ``good`` of the tree's red images and files that do not decode (name -> bytes)."""
+    folder.mkdir()
+    for source in sorted((tree / "red").glob("*.jpg"))[:good]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    for name, data in broken.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def data_cache_dir(tmp_path_factory) -> Path:
     """Downloads and the feature cache go to a fresh folder, never the user's ~/.cache/tlexp."""

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import run_module
+from tests.conftest import red_images_and_broken_files, run_module
 from tlexp.data.images import load_rgb
 from tlexp.data.transforms import eval_transform
 from tlexp.predict import load_model
@@ -126,11 +126,7 @@ def test_a_run_whose_images_moved_says_so(tmp_path, trained_run):
 def test_a_corrupt_file_among_the_images_is_left_out(trained_run, tmp_path):
     """Issue 15: tlexp-export images=<folder with a corrupt file> verifies on the others, with a warning."""
     tree, run = trained_run
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for source in sorted((tree / "red").glob("*.jpg"))[:3]:
-        (folder / source.name).write_bytes(source.read_bytes())
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    folder = red_images_and_broken_files(tree, tmp_path / "images", 3, {"broken.jpg": b"\xff\xd8 not really a jpeg"})
     ckpt = run / "checkpoints" / "best.ckpt"
     result = run_module("tlexp.export", f"ckpt={ckpt}", f"images={folder}", f"out={tmp_path / 'out'}", "formats=[torchscript]")
     assert result.returncode == 0, result.stderr[-2000:]

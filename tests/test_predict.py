@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, make_image_tree, read_metrics, run_module
+from tests.conftest import (
+    REPO,
+    make_image_tree,
+    read_metrics,
+    red_images_and_broken_files,
+    run_module,
+)
 from tlexp.predict import list_images, load_model, print_table
 
 
@@ -134,12 +140,7 @@ def test_a_folder_whose_only_image_is_bad(trained_run, tmp_path):
 def test_files_that_do_not_decode_keep_their_row_in_the_csv(trained_run, tmp_path):
     """Was: left out of the CSV silently, so its rows no longer accounted for every file asked for."""
     tree, run = trained_run
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for source in sorted((tree / "red").glob("*.jpg"))[:2]:
-        (folder / source.name).write_bytes(source.read_bytes())
-    (folder / "broken.jpg").write_bytes(b"not a jpeg")
-    (folder / "empty.png").write_bytes(b"")
+    folder = red_images_and_broken_files(tree, tmp_path / "images", 2, {"broken.jpg": b"not a jpeg", "empty.png": b""})
     out = tmp_path / "p.csv"
     result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={folder}", f"csv={out}", "num_workers=0")
     assert result.returncode == 0, result.stderr[-2000:]
