@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tests.conftest import make_image_tree
 from tlexp.data.datamodule import ImageDataModule
+from tlexp.errors import TlexpError
 from tlexp.model.finetune import PhasedFinetuning, phase_b_params, trainable_params
 from tlexp.model.module import TransferModule
 from tlexp.model.strategies import modules_to_unfreeze, parse_strategy
@@ -75,3 +77,18 @@ def test_layers_n_trains_the_weights_a_function_reads_and_counts_what_trains(tmp
     units = modules_to_unfreeze(module.backbone_spec, parse_strategy("layers_5"))
     assert [u.name for u in units] == ["features.7.2.block.5", "permute_43", "mul_17", "features.7.2.stochastic_depth", "add_17"]
     assert trainable_params(module) == phase_b_params(module.head, units) == 768 * 3072 + 768 + 768 + 768 * 2 + 2
+
+
+def test_a_cosine_schedule_shorter_than_the_training_is_refused():
+    """Past T_max torch's cosine rises again: a library user's total_epochs < max_epochs trained at a climbing rate."""
+    module = TransferModule(
+        model={"source": "torchvision", "name": "resnet18", "weights": None, "head": {"hidden_dim": None, "dropout": 0.0}},
+        class_names=["a", "b"], class_counts=[1, 1], loss={"name": "ce", "label_smoothing": 0.0, "class_weights": None},
+        optim={"_target_": "torch.optim.Adam", "lr": 1e-2, "weight_decay": 0.0, "scheduler": "cosine"},
+        backbone_lr_factor=0.1, total_epochs=2,
+    )
+    module.trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False)
+    with pytest.raises(TlexpError, match=r"total_epochs=2 but the trainer may train max_epochs=3: pass total_epochs >= max_epochs"):
+        module.configure_optimizers()
+    module.trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False)
+    assert module.configure_optimizers()["lr_scheduler"]["scheduler"].T_max == 2
