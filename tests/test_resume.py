@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import shlex
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
+from tlexp.callbacks.reseed import _validation_may_follow
 
 # epochs 0-1 are phase A, 2-3 phase B
 SCHEDULE = ("model=resnet18", "strategy=blocks_2", "finetune.phase_a_epochs=2", "finetune.phase_b_epochs=2", "data.augment.rotation=10")
@@ -226,3 +228,19 @@ def test_validation_within_epochs_keeps_checkpoints_at_epoch_ends(tmp_path, tree
         assert saved["global_step"] == 3 * (saved["epoch"] + 1)  # 3 batches an epoch: saved at its end
     assert torch.load(whole / "checkpoints" / "best.ckpt", weights_only=False)["epoch"] == metrics["best_epoch"]
     _assert_same_run(_kill_and_resume(tmp_path, tree, schedule, "mid_phase_b"), whole)
+
+
+@pytest.mark.parametrize(
+    ("every", "per_epoch", "check_every_n", "stop", "copied_after"),
+    [
+        (4, 4, 1, False, [3]),  # validation at epoch ends only: only the last batch's streams are copied
+        (2, 4, 1, False, [0, 1, 2, 3]),  # val_check_interval=0.5
+        (6, 4, None, False, [0, 1, 2, 3]),  # every 6 batches across epochs: mid-epoch in the next one
+        (None, 4, 1, False, [0, 1, 2, 3]),  # on a clock
+        (4, 4, 1, True, [0, 1, 2, 3]),  # asked to stop: Lightning validates after this batch
+    ],
+)
+def test_the_streams_are_copied_only_where_a_validation_may_follow(every, per_epoch, check_every_n, stop, copied_after):
+    """The copy costs ~45 us a batch; it is skipped after batches Lightning validates after under no setting."""
+    trainer = SimpleNamespace(val_check_batch=every, num_training_batches=per_epoch, check_val_every_n_epoch=check_every_n, should_stop=stop)
+    assert [i for i in range(per_epoch) if _validation_may_follow(trainer, i)] == copied_after
