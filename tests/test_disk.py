@@ -110,7 +110,8 @@ def test_resuming_a_run_on_a_disk_made_read_only_is_refused_in_one_line(tmp_path
 
 
 def test_the_table_of_a_sweep_on_a_read_only_disk_is_one_line(tmp_path, mounts, capsys):
-    """Was: an OSError traceback from writing table.md; the table is still shown with --print."""
+    """Was: an OSError traceback from writing table.md; the table is still shown with --print, and the
+    comparison with --compare (was: lost, as it was printed after the files)."""
     from tests.test_sweep import LR_X_STRATEGY, _hand_made_sweep
     from tlexp.report.table import main as table_main
 
@@ -122,3 +123,9 @@ def test_the_table_of_a_sweep_on_a_read_only_disk_is_one_line(tmp_path, mounts, 
     assert out.startswith("|") and out.count("blocks_1") == 2  # the table, shown though not saved
     assert err == (f"tlexp-table: error: cannot write the table's files in {disk / 'sweep'} (Read-only file system): "
                    "copy the sweep to a folder you can write\n")
+    reference = tmp_path / "ref.csv"  # off the read-only disk
+    reference.write_text("Model,Strategy,optim.lr,Test Accuracy\nresnet18,frozen,1e-3,80.00%\n")
+    assert table_main([str(disk / "sweep"), "--compare", str(reference)]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("| Model | Strategy | optim.lr | Δ Test Accuracy |") and "| resnet18 | frozen | 0.001 | +1.23 pt |" in out
+    assert err.startswith("tlexp-table: error: cannot write the table's files") and err.count("\n") == 1

@@ -411,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             print(table)
             if groups:
                 print(summary)
-        written = write_files(rows, table, groups, summary, args.sweep_dir, args.show)
-        if reference is not None:
+        if reference is not None:  # before the files, as the table: shown though a read-only disk refuses them
             print(compare(rows, reference, args.compare))
+        written = write_files(rows, table, groups, summary, args.sweep_dir, args.show)
     except TlexpError as exc:
         print(f"tlexp-table: error: {exc}", file=sys.stderr)
         return 2
