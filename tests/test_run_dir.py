@@ -213,15 +213,22 @@ def test_the_table_names_killed_jobs_and_foreign_records(tmp_path, tree, finishe
 
 def test_a_record_of_an_older_format_is_refused_not_overwritten(tmp_path, tree, finished):
     """A completed metrics.json without its run's settings (``run``) cannot be compared: resume=true and a new run
-    are refused in one line, the file kept (was: a new run crashed with IndexError, resume=true skipped it unchecked)."""
+    are refused in one line, the file kept (was: a new run crashed with IndexError, resume=true skipped it unchecked),
+    and the .hydra files are the newest checkpoint's again (was: left as Hydra rewrote them, with the refused seed=7)."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    shutil.rmtree(run / "checkpoints")
     old = {k: v for k, v in read_metrics(run).items() if k != "run"}
     (run / "metrics.json").write_text(json.dumps(old))
-    for resume in ("resume=true", "resume=false"):
+    before = _snapshot(run)
+
+    def refused(resume):
         result = train(run, tree, *SCHEDULE, resume, "seed=7", check=False)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
         assert "metrics.json is a completed record without the settings it was run with" in result.stderr
         assert "give this run its own folder (hydra.run.dir=...)" in result.stderr
-        assert read_metrics(run) == old
+
+    refused("resume=true")
+    assert _snapshot(run) == before
+    shutil.rmtree(run / "checkpoints")  # nothing to put the .hydra files back from: still refused, the record kept
+    refused("resume=false")
+    assert read_metrics(run) == old

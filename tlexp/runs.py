@@ -345,10 +345,10 @@ def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:
                 "new run in another folder (hydra.run.dir=...)"
             )
         return
-    existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    checkpointed = any((run_dir / "checkpoints").glob("*.ckpt"))
     previous = _own_record(run_dir) if (run_dir / RECORD).exists() else {}
-    if existing or previous.get("status") == "completed":
-        restore_hydra_files(run_dir, previous.get("run") or _checkpoint_identity(existing[-1]))  # the record, read once
+    if checkpointed or previous.get("status") == "completed":
+        restore_hydra_files(run_dir, previous.get("run") or _newest_checkpoint_identity(run_dir))  # the record, read once
         raise RunDirRefused(
             f"{run_dir} already holds a run: resume=true continues it; a new run needs its own folder (hydra.run.dir=...)"
         )
@@ -357,7 +357,8 @@ def claim(cfg, run_dir: Path, done: dict | None, ckpt_path: str | None) -> None:
 def _own_record(run_dir: Path) -> dict:
     """The folder's metrics.json, which a run may skip (completed) or replace. A completed record without its run's
     settings (``run``: an older tlexp's) cannot be compared with this run's, and a file that is no record is not
-    ours to overwrite: both refused, the file left as it is."""
+    ours to overwrite: both refused, the file left as it is and the ``.hydra`` files put back from the newest
+    checkpoint (the record cannot say what they were)."""
     try:
         record = read_record(run_dir)
     except ValueError as exc:
@@ -366,6 +367,7 @@ def _own_record(run_dir: Path) -> dict:
         if record["status"] != "completed" or "run" in record:
             return record
         problem = f"{run_dir / RECORD} is a completed record without the settings it was run with ('run': an older tlexp's)"
+    restore_hydra_files(run_dir, _newest_checkpoint_identity(run_dir))
     raise RunDirRefused(f"{problem}: move it out of {run_dir} to train there, or give this run its own folder (hydra.run.dir=...)")
 
 
@@ -376,6 +378,12 @@ def _recorded_identity(run_dir: Path) -> dict | None:
         return read_record(run_dir).get("run") if (run_dir / RECORD).exists() else None
     except (OSError, ValueError):  # a damaged record: the checkpoint's identity is the next best
         return None
+
+
+def _newest_checkpoint_identity(run_dir: Path) -> dict | None:
+    """The identity of the folder's newest checkpoint that holds one: its run's, where the record has none."""
+    newest_first = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next(filter(None, map(_checkpoint_identity, newest_first)), None)
 
 
 def _checkpoint_identity(path) -> dict | None:
