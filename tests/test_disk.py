@@ -5,13 +5,17 @@ Mounting needs root (CAP_SYS_ADMIN), as on the development and CI machines; else
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import read_metrics, train
+from tlexp.data.download import download_and_extract
+from tlexp.errors import TlexpError
 
 RESNET18 = ("model=resnet18",)  # its checkpoint (~45 MB) does not fit a 20 MB disk
 
@@ -129,3 +133,37 @@ def test_the_table_of_a_sweep_on_a_read_only_disk_is_one_line(tmp_path, mounts, 
     out, err = capsys.readouterr()
     assert out.startswith("| Model | Strategy | optim.lr | Δ Test Accuracy |") and "| resnet18 | frozen | 0.001 | +1.23 pt |" in out
     assert err.startswith("tlexp-table: error: cannot write the table's files") and err.count("\n") == 1
+
+
+def _tgz(path: Path, photo: bytes) -> Path:
+    """A data-set archive (flower_photos/daisy/) holding one file of ``photo``."""
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("flower_photos/daisy/img_000.jpg")
+        info.size = len(photo)
+        tar.addfile(info, io.BytesIO(photo))
+    return path
+
+
+def test_a_download_that_fills_the_disk_says_so(tmp_path, mounts):
+    """Was: 'could not download ... (No space left on device). Offline? Copy the extracted data set ...'."""
+    archive = _tgz(tmp_path / "flower_photos.tgz", os.urandom(2 << 20))  # does not compress: 2 MB on a 1 MB disk
+    disk = mounts(tmp_path / "disk", "1m")
+    with pytest.raises(TlexpError, match=(
+        f"^no space left on the disk of {disk} for the download of flower_photos.tgz \\(1.0 MB free\\): free space there, "
+        "or point TLEXP_DATA_DIR \\(paths.data_dir\\) at a folder on another disk, and run again$"
+    )):
+        download_and_extract(archive.as_uri(), None, disk / "flower_photos")
+    assert list(disk.iterdir()) == []  # no .part left to fill the disk
+
+
+def test_an_extraction_that_fills_the_disk_says_so_and_keeps_the_archive(tmp_path, mounts):
+    """Was: an OSError traceback. The staging folder goes; the archive stays, so the next run does not download again."""
+    archive = _tgz(tmp_path / "flower_photos.tgz", bytes(3 << 20))  # compresses to a few KB, extracts to 3 MB
+    disk = mounts(tmp_path / "disk", "1m")
+    with pytest.raises(TlexpError, match=(
+        f"^no space left on the disk of {disk} for the extraction of flower_photos.tgz \\(1.0 MB free, 3.0 MB needed\\): "
+        "the archive is kept; free space there, or point TLEXP_DATA_DIR \\(paths.data_dir\\) at a folder on another disk, "
+        "and run again$"
+    )):
+        download_and_extract(archive.as_uri(), None, disk / "flower_photos")
+    assert [p.name for p in disk.iterdir()] == ["flower_photos.tgz"]

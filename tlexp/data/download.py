@@ -18,8 +18,10 @@ from rich.progress import Progress
 from tlexp.errors import TlexpError
 from tlexp.one_job_at_a_time import one_job_at_a_time
 from tlexp.record import file_digest
+from tlexp.storage import write_failure
 
 log = logging.getLogger(__name__)
+NO_ROOM_ADVICE = "free space there, or point TLEXP_DATA_DIR (paths.data_dir) at a folder on another disk, and run again"
 
 
 def _fetch(url: str, dest: Path) -> None:
@@ -63,6 +65,8 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
             _fetch(url, part)
         except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a URL without a scheme
             part.unlink(missing_ok=True)
+            if full := write_failure(parent, f"the download of {archive.name}", exc, NO_ROOM_ADVICE):
+                raise full from exc
             raise TlexpError(
                 f"could not download {url} ({exc}). Offline? Copy the extracted data set to {root} "
                 "or point data.root at a local copy"
@@ -74,15 +78,23 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
     for leftover in parent.glob(f".{root.name}.extracting-*"):  # an extraction killed mid-way; under the lock, no other one runs
         shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.extracting-", dir=parent))
+    members: list[tarfile.TarInfo] = []
     try:
         try:
             with tarfile.open(archive) as tar:
+                members = _checked_members(tar, archive)
                 # filter="data" (Python >= 3.10.12 / 3.11.4) also drops permission bits such as setuid
-                tar.extractall(staging, _checked_members(tar, archive), **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+                tar.extractall(staging, members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         except (tarfile.TarError, EOFError, zlib.error) as exc:  # an error page or a cut download, with data.sha256 unset
             archive.unlink()  # else every later run would find it and fail the same way
             why = " ".join(str(exc).split())  # tarfile lists each compression it tried, a line each
             raise TlexpError(f"{archive} is not a readable .tgz archive ({why}): removed it; run again to download it again") from exc
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)  # first, so the free space told is what the next try has
+            needed = sum(m.size for m in members)
+            if full := write_failure(parent, f"the extraction of {archive.name}", exc, f"the archive is kept; {NO_ROOM_ADVICE}", needed):
+                raise full from exc
+            raise
         extracted = staging / root.name
         if not extracted.is_dir():
             raise TlexpError(f"{archive} has no top-level folder '{root.name}'; set data.root to match the archive")
