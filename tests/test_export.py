@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch import nn
 
-from tests.conftest import red_images_and_broken_files, run_module
+from tests.conftest import REPO, red_images_and_broken_files, run_module
 from tlexp.data.images import load_rgb
 from tlexp.data.transforms import eval_transform
 from tlexp.predict import load_model
@@ -133,6 +137,41 @@ def test_a_corrupt_file_among_the_images_is_left_out(trained_run, tmp_path):
     assert "broken.jpg" in result.stdout + result.stderr
     assert json.loads((tmp_path / "out" / "model.json").read_text())["verified_on_images"] == 3
 
+
+class _Uniform(nn.Module):
+    """An export gone wrong: the same logits for every image."""
+
+    def forward(self, x):
+        return torch.zeros(len(x), 3)
+
+
+def test_an_export_that_fails_its_check_leaves_out_as_it_was(trained_run, tmp_path, monkeypatch, capsys):
+    """Was: the unchecked model.torchscript.pt left in out without a model.json, or beside the model.json of the export
+    before it, and 'see <out>'. Now out keeps what it held (a new out is not made) and the line says which export failed."""
+    from tlexp.export import job
+
+    _, run = trained_run
+
+    def export(out: Path) -> None:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            job(compose("export", [f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"out={out}", "formats=[torchscript]"]))
+
+    export(tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert sorted(before) == ["model.json", "model.torchscript.pt"]  # no staging left after a good export
+    monkeypatch.setattr(torch.jit, "load", lambda path: _Uniform())
+    for out in (tmp_path / "out", tmp_path / "new"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            export(out)
+        assert refused.value.code == 2
+        assert re.fullmatch(
+            r"tlexp-export: error: export check failed: the probabilities of torchscript differ from PyTorch's by up to "
+            rf"\d\.\d\de-0\d \(> tolerance 0\.0001\); nothing was exported to {re.escape(str(out))}: raise tolerance= to accept the difference\n",
+            capsys.readouterr().err,
+        )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_only_as_many_images_as_the_check_uses_are_decoded(tmp_path, monkeypatch):

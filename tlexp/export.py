@@ -4,6 +4,7 @@ Both files map a normalized image batch (N, 3, crop, crop) to logits. ``model.js
 says how to feed them (crop and resize size, mean, std, interpolation, class names) and what the
 check found: each export's largest probability difference from the PyTorch model on real images,
 and the batch-1 latency of PyTorch and ONNX Runtime measured side by side.
+The files reach the output folder only once the check passes: a failed check leaves it as it was.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import csv
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -81,55 +84,68 @@ def export(cfg: DictConfig) -> dict:
         raise TlexpError(f"none of the {len(bad)} image file(s) to verify the export on decodes: pass images=<good images>")
     transform = eval_transform(pre)
     batch = torch.stack([transform(load_rgb(f)) for f in files])
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
-        reference = model(batch).softmax(dim=1)
-    report: dict = {
-        "source_checkpoint": str(ckpt.resolve()),
-        "input": {"shape": ["N", 3, pre.crop_size, pre.crop_size], "layout": "NCHW float32, normalized"},
-        "preprocessing": pre.as_dict(),
-        "class_names": list(module.hparams.class_names),
-        "output": "logits (softmax gives class probabilities)",
-        "verified_on_images": len(files),
-        "exports": {},
-    }
-    example = batch[:1]
-    if "torchscript" in cfg.formats:
-        path = out / "model.torchscript.pt"
-        with torch.no_grad():
-            torch.jit.save(torch.jit.trace(model, example), path)
-        loaded = torch.jit.load(path).eval()
+    # exported into a hidden folder and moved into out once checked: a failed check leaves out as it was
+    staging = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out))
+    try:
         with torch.inference_mode():
-            diff = (loaded(batch).softmax(dim=1) - reference).abs().max().item()
-        report["exports"]["torchscript"] = {"file": path.name, "max_abs_prob_diff": diff}
-    if "onnx" in cfg.formats:
-        ort = _import_onnxruntime(Path(cfg.paths.data_dir))
-        path = out / "model.onnx"
-        batch_dim = torch.export.Dim("batch", min=1, max=1024)
-        torch.onnx.export(  # traced at batch 2: an example of 1 lets torch.export fix the batch size to 1
-            model, (example.repeat(2, 1, 1, 1),), path, input_names=["image"], output_names=["logits"],
-            dynamic_shapes=({0: batch_dim},), dynamo=True, external_data=False, verbose=False,
-        )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        logits = session.run(None, {"image": batch.numpy()})[0]
-        diff = (torch.from_numpy(logits).softmax(dim=1) - reference).abs().max().item()
-        one = example.numpy()
-        eager_ms = 1e3 * median_seconds(model, example, cfg.speed.warmup, cfg.speed.repeats)
-        fast, runtime = inference_runtime(model, (example,), cfg.speed.runtime)
-        torch_ms = 1e3 * median_seconds(fast, example, cfg.speed.warmup, cfg.speed.repeats)
-        ort_ms = 1e3 * median_seconds(lambda x: session.run(None, {"image": x}), one, cfg.speed.warmup, cfg.speed.repeats)
-        report["exports"]["onnx"] = {"file": path.name, "max_abs_prob_diff": diff, "opset": _opset(path)}
-        report["speed_batch1_ms"] = {
-            "torch": torch_ms, "torch_runtime": runtime, "torch_eager": eager_ms,
-            "onnxruntime": ort_ms, "torch_over_onnxruntime": torch_ms / ort_ms,
-            "threads": torch.get_num_threads(), "statistic": f"median of {cfg.speed.repeats} after {cfg.speed.warmup} warm-up",
+            reference = model(batch).softmax(dim=1)
+        report: dict = {
+            "source_checkpoint": str(ckpt.resolve()),
+            "input": {"shape": ["N", 3, pre.crop_size, pre.crop_size], "layout": "NCHW float32, normalized"},
+            "preprocessing": pre.as_dict(),
+            "class_names": list(module.hparams.class_names),
+            "output": "logits (softmax gives class probabilities)",
+            "verified_on_images": len(files),
+            "exports": {},
         }
-    worst = max((e["max_abs_prob_diff"] for e in report["exports"].values()), default=0.0)
-    if worst > cfg.tolerance:
-        raise TlexpError(f"export check failed: probabilities differ by up to {worst:.2e} (> tolerance {cfg.tolerance}); see {out}")
-    (out / "model.json").write_text(json.dumps(report, indent=2))
+        example = batch[:1]
+        if "torchscript" in cfg.formats:
+            path = staging / "model.torchscript.pt"
+            with torch.no_grad():
+                torch.jit.save(torch.jit.trace(model, example), path)
+            loaded = torch.jit.load(path).eval()
+            with torch.inference_mode():
+                diff = (loaded(batch).softmax(dim=1) - reference).abs().max().item()
+            report["exports"]["torchscript"] = {"file": path.name, "max_abs_prob_diff": diff}
+        if "onnx" in cfg.formats:
+            ort = _import_onnxruntime(Path(cfg.paths.data_dir))
+            path = staging / "model.onnx"
+            batch_dim = torch.export.Dim("batch", min=1, max=1024)
+            torch.onnx.export(  # traced at batch 2: an example of 1 lets torch.export fix the batch size to 1
+                model, (example.repeat(2, 1, 1, 1),), path, input_names=["image"], output_names=["logits"],
+                dynamic_shapes=({0: batch_dim},), dynamo=True, external_data=False, verbose=False,
+            )
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            logits = session.run(None, {"image": batch.numpy()})[0]
+            diff = (torch.from_numpy(logits).softmax(dim=1) - reference).abs().max().item()
+            one = example.numpy()
+            eager_ms = 1e3 * median_seconds(model, example, cfg.speed.warmup, cfg.speed.repeats)
+            fast, runtime = inference_runtime(model, (example,), cfg.speed.runtime)
+            torch_ms = 1e3 * median_seconds(fast, example, cfg.speed.warmup, cfg.speed.repeats)
+            ort_ms = 1e3 * median_seconds(lambda x: session.run(None, {"image": x}), one, cfg.speed.warmup, cfg.speed.repeats)
+            report["exports"]["onnx"] = {"file": path.name, "max_abs_prob_diff": diff, "opset": _opset(path)}
+            report["speed_batch1_ms"] = {
+                "torch": torch_ms, "torch_runtime": runtime, "torch_eager": eager_ms,
+                "onnxruntime": ort_ms, "torch_over_onnxruntime": torch_ms / ort_ms,
+                "threads": torch.get_num_threads(), "statistic": f"median of {cfg.speed.repeats} after {cfg.speed.warmup} warm-up",
+            }
+        diffs = {name: e["max_abs_prob_diff"] for name, e in report["exports"].items()}
+        if failed := [name for name, diff in diffs.items() if diff > cfg.tolerance]:
+            raise TlexpError(
+                f"export check failed: the probabilities of {', '.join(failed)} differ from PyTorch's by up to {max(diffs.values()):.2e} "
+                f"(> tolerance {cfg.tolerance}); nothing was exported to {out}: raise tolerance= to accept the difference"
+            )
+        (staging / "model.json").write_text(json.dumps(report, indent=2))
+        for name in [*(e["file"] for e in report["exports"].values()), "model.json"]:  # model.json last: it says they are checked
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
     return report
 
 
