@@ -11,12 +11,18 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from tests.conftest import make_image_tree, read_metrics, run_module, train
+from tlexp import runs
 from tlexp.callbacks.run_identity import CHECKPOINT_KEY
+from tlexp.errors import RunDirBusy
 from tlexp.record import file_digest
 
 SCHEDULE = ("model=resnet18", "strategy=blocks_2")
@@ -131,6 +137,41 @@ def test_a_second_process_in_the_same_run_dir_is_refused(tmp_path, tree):
         result = train(run, tree, *SCHEDULE, check=False)
     assert result.returncode == 2 and "another tlexp-train" in result.stderr and "is running in" in result.stderr
     assert not (run / "metrics.json").exists()
+
+
+# A run SIGKILLed while a data-loader worker it forked (holding the run dir's lock) lives on for 2 s.
+KILLED_WITH_A_WORKER = """
+import fcntl, os, signal, socket, sys, time
+run = sys.argv[1]
+os.makedirs(run)
+lock = open(f"{run}/.tlexp.lock", "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+lock.write(str(os.getpid()))
+lock.flush()
+open(f"{run}/.tlexp.running", "w").write(socket.gethostname())
+if os.fork() == 0:
+    time.sleep(2)
+    os._exit(0)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize(("wait", "refused"), [(30, False), (0.5, True)])
+def test_a_run_killed_with_loader_workers_alive_can_start_again_at_once(tmp_path, monkeypatch, wait, refused):
+    """Its workers hold the lock until they notice (torch looks every 5 s): a run started meanwhile waits for them
+    (was: refused, `another tlexp-train (pid N) is running`, N a process that had ended); refused if they outlive the wait."""
+    monkeypatch.setattr(runs, "ORPHANS_WAIT_S", wait)
+    run = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILLED_WITH_A_WORKER, str(run)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    pid = (run / ".tlexp.lock").read_text()
+    started = time.monotonic()
+    if refused:
+        with pytest.raises(RunDirBusy, match=f"^tlexp-train pid {pid} has ended, but processes it started still hold .* after 0.5 s"), runs.locked(run):
+            pass
+        return
+    with runs.locked(run):
+        assert 1 < time.monotonic() - started < 10 and (run / ".tlexp.lock").read_text() == str(os.getpid())
 
 
 def test_a_flipped_byte_in_a_checkpoint_is_caught(tmp_path, tree, finished):

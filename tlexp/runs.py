@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -259,6 +260,7 @@ def resume_point(cfg, run_dir: Path) -> tuple[dict | None, str | None]:
 # the held ones on their machine (jobs_running). Not .tlexp.lock: a job that finds that one held refuses
 # to start, and a count would hold it for a moment.
 RUNNING = ".tlexp.running"
+ORPHANS_WAIT_S = 30
 
 
 @contextmanager
@@ -269,14 +271,7 @@ def locked(run_dir: Path):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".tlexp.lock", "a+") as lock, open(run_dir / RUNNING, "a") as running:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise RunDirBusy(
-                f"another tlexp-train (pid {lock.read().strip() or '?'}) is running in {run_dir}: wait for it, "
-                "or give this run another hydra.run.dir"
-            ) from None
+        _take(lock, run_dir)
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
@@ -295,6 +290,43 @@ def locked(run_dir: Path):
             yield
         finally:
             release_ballast(run_dir)
+
+
+def _take(lock, run_dir: Path) -> None:
+    """The run dir's lock, or RunDirBusy. A run killed (SIGKILL) with data-loader workers leaves them holding the
+    lock they were forked with until they notice (torch looks every 5 s): a run started again at once waits for
+    them rather than being refused for a process that has ended."""
+    deadline = time.monotonic() + ORPHANS_WAIT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip()
+        if not _ended_here(pid, run_dir):
+            raise RunDirBusy(
+                f"another tlexp-train (pid {pid or '?'}) is running in {run_dir}: wait for it, or give this run another hydra.run.dir"
+            )
+        if time.monotonic() > deadline:
+            raise RunDirBusy(
+                f"tlexp-train pid {pid} has ended, but processes it started still hold {lock.name} after {ORPHANS_WAIT_S} s: "
+                f"end them (fuser -k {lock.name}), or give this run another hydra.run.dir"
+            )
+        time.sleep(0.2)
+
+
+def _ended_here(pid: str, run_dir: Path) -> bool:
+    """The lock's holder ran on this machine (its RUNNING file says so) and is no longer a process."""
+    if not pid.isdigit() or (run_dir / RUNNING).read_text() != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
 
 
 def jobs_running(sweep_dir: Path) -> int:
