@@ -6,12 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
+
+from tests.zygote import Zygote
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "flower_photos"
@@ -92,15 +96,35 @@ def _pythonpath() -> str:
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": _pythonpath(), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "tlexp.train", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False
-    )
+    return _run("tlexp.train", args, env, timeout)
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m <module> args`` from the repository root (tlexp-predict, tlexp-export, ...)."""
-    env = {**os.environ, "PYTHONPATH": _pythonpath()}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=False)
+    return _run(module, args, {**os.environ, "PYTHONPATH": _pythonpath()}, 600)
+
+
+def _run(module: str, args, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    if _zygote is None:
+        return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, check=False)
+    with tempfile.TemporaryDirectory() as folder:
+        return _zygote.run(module, list(args), env, REPO, timeout, Path(folder))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cli_runs_forked(tmp_path_factory):
+    """The CLI runs fork from one process with the heavy libraries imported (tests/zygote.py); not with a GPU."""
+    global _zygote
+    if os.environ.get("TLEXP_TEST_FRESH_INTERPRETERS") or torch.cuda.is_available():
+        yield
+        return
+    _zygote = Zygote(REPO, tmp_path_factory.mktemp("zygote") / "log")
+    yield
+    _zygote.close()
+    _zygote = None
+
+
+_zygote: Zygote | None = None
 
 
 @pytest.fixture(scope="session")
