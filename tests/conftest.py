@@ -105,7 +105,7 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def _run(module: str, args, env: dict, timeout: int) -> subprocess.CompletedProcess:
-    if _zygote is None:
+    if _zygote is None or env["PYTHONPATH"] != _zygote.pythonpath:
         return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, check=False)
     with tempfile.TemporaryDirectory() as folder:
         return _zygote.run(module, list(args), env, REPO, timeout, Path(folder))
@@ -118,7 +118,7 @@ def _cli_runs_forked(tmp_path_factory):
     if os.environ.get("TLEXP_TEST_FRESH_INTERPRETERS") or torch.cuda.is_available():
         yield
         return
-    _zygote = Zygote(REPO, tmp_path_factory.mktemp("zygote") / "log")
+    _zygote = Zygote(REPO, _pythonpath(), tmp_path_factory.mktemp("zygote") / "log")
     yield
     _zygote.close()
     _zygote = None

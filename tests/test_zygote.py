@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -23,3 +24,12 @@ def test_a_forked_run_ends_as_a_fresh_interpreter_does(how, monkeypatch):
     assert forked.returncode == fresh.returncode and forked.stdout == fresh.stdout
     assert forked.stderr.splitlines()[-1] == fresh.stderr.splitlines()[-1]
     assert fresh.stdout.startswith(f"out seen {REPO} ['{how}']\n")
+
+
+def test_a_run_past_its_timeout_is_killed_and_the_next_run_gets_its_own_status():
+    env = {**os.environ, "PYTHONPATH": conftest._pythonpath()}
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        conftest._run("tests.zygote_probe", ["sleep"], env, timeout=2)
+    assert time.monotonic() - started < 30
+    assert conftest.run_module("tests.zygote_probe", "exit_3").returncode == 3

@@ -2,11 +2,13 @@
 
 A fresh interpreter spends ~7 s importing torch, torchvision, Lightning and Hydra before it runs anything: over
 the suite's hundreds of CLI runs, most of its time on 2 cores. A fork is a new process in all that a run can
-tell: its own pid, environment, working directory, standard streams, signal dispositions and exit status, and
-tlexp imported anew (only third-party libraries are preloaded). What it shares with its siblings: those
-libraries' import-time state and Python's hash seed. ``OMP_NUM_THREADS`` is read by OpenMP when torch loads,
-so a run given its own is set to it. Where a CUDA GPU is visible the runs stay fresh interpreters: CUDA does not
-survive a fork.
+tell: its own pid, environment, working directory, standard streams, signal dispositions and exit status, numpy's
+and random's seeds, and tlexp imported anew (only third-party libraries are preloaded). What differs from a fresh
+interpreter: Python's hash seed is the server's; those libraries' import-time state (matplotlib's config folder
+under the server's HOME; a warning printed while they import goes to the server's log) too, though
+``OMP_NUM_THREADS`` and ``TMPDIR`` are applied again; and a run returns when its process ends, as in a shell, not
+when every process it left behind (orphaned loader workers) has closed its output, as ``subprocess.run`` waits.
+Where a CUDA GPU is visible the runs stay fresh interpreters: CUDA does not survive a fork.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import atexit
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import traceback
 from pathlib import Path
 
 PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "hydra", "omegaconf", "numpy", "PIL.Image")
@@ -26,24 +31,31 @@ PRELOAD = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "hydra",
 class Zygote:
     """The pytest side: one server process per session, asked for one run at a time."""
 
-    def __init__(self, repo: Path, log: Path):
+    def __init__(self, repo: Path, pythonpath: str, log: Path):
+        """``pythonpath``: the runs' (their sys.path is the server's)."""
+        self.pythonpath = pythonpath
         self._lock = threading.Lock()
         self._log = log.open("w")
         self._server = subprocess.Popen(
             [sys.executable, "-m", "tests.zygote"], cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, text=True, env={**os.environ, "PYTHONPATH": str(repo)},
+            stderr=self._log, text=True, env={**os.environ, "PYTHONPATH": pythonpath},
         )
 
     def run(self, module: str, args: list[str], env: dict, cwd: Path, timeout: float, folder: Path) -> subprocess.CompletedProcess:
         out, err = folder / "stdout", folder / "stderr"
         with self._lock:
             self._send({"module": module, "args": args, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)})
-            expired = _Deadline(self._receive()["pid"], timeout)  # as subprocess.run's timeout: the child is killed
+            pid = self._receive()["pid"]
+            deadline = _Deadline(pid, timeout)  # as subprocess.run's timeout: the child is killed
             try:
                 code = self._receive()["returncode"]
+            except BaseException:  # as subprocess.run: the child is killed (a test's timeout, Ctrl+C) ...
+                _kill(pid)
+                self._receive()  # ... and its exit status read, so the next run's replies are its own
+                raise
             finally:
-                expired.cancel()
-        if expired.fired.is_set():
+                deadline.cancel()
+        if deadline.fired.is_set():
             raise subprocess.TimeoutExpired([module, *args], timeout)
         return subprocess.CompletedProcess([sys.executable, "-m", module, *args], code, out.read_text(), err.read_text())
 
@@ -53,8 +65,11 @@ class Zygote:
         self._log.close()
 
     def _send(self, request: dict) -> None:
-        self._server.stdin.write(json.dumps(request) + "\n")
-        self._server.stdin.flush()
+        try:
+            self._server.stdin.write(json.dumps(request) + "\n")
+            self._server.stdin.flush()
+        except BrokenPipeError:
+            self._receive()  # says it ended
 
     def _receive(self) -> dict:
         line = self._server.stdout.readline()
@@ -66,15 +81,19 @@ class Zygote:
 class _Deadline(threading.Timer):
     def __init__(self, pid: int, timeout: float):
         self.fired = threading.Event()
-        super().__init__(timeout, self._kill, (pid,))
+        super().__init__(timeout, self._expire, (pid,))
         self.start()
 
-    def _kill(self, pid: int) -> None:
+    def _expire(self, pid: int) -> None:
         self.fired.set()
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:  # it ended meanwhile
-            pass
+        _kill(pid)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
 
 
 def _serve() -> None:
@@ -91,8 +110,14 @@ def _serve() -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            replies.close()
-            _child(**request)
+            code = 1
+            try:
+                replies.close()
+                code = _child(**request)
+            except BaseException:  # noqa: BLE001 - before the run starts (a bad cwd): told, and the child still exits here
+                traceback.print_exc()
+            finally:
+                os._exit(code & 0xFF)
         replies.write(json.dumps({"pid": pid}) + "\n")
         replies.flush()
         _, status = os.waitpid(pid, 0)
@@ -100,8 +125,8 @@ def _serve() -> None:
         replies.flush()
 
 
-def _child(module: str, args: list[str], env: dict, cwd: str, stdout: str, stderr: str) -> None:
-    """``python -m module args`` from here on, as a fresh interpreter would run it and exit."""
+def _child(module: str, args: list[str], env: dict, cwd: str, stdout: str, stderr: str) -> int:
+    """``python -m module args`` from here on, as a fresh interpreter would run it; its exit status."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -111,10 +136,14 @@ def _child(module: str, args: list[str], env: dict, cwd: str, stdout: str, stder
         os.close(opened)
     # sys.stdin/stdout/stderr are the server's, made as a fresh interpreter makes them (block-buffered stdout to a
     # pipe, line-buffered stderr) and empty: they now read and write the child's files
-    if "OMP_NUM_THREADS" in env:
-        import torch
+    import numpy as np  # preloaded
+    import torch
 
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    tempfile.tempdir = None  # read from TMPDIR again
+    np.random.seed()  # fresh from the OS, as in a new interpreter (random reseeds itself after a fork)
+    threads = env.get("OMP_NUM_THREADS", "").split(",")[0]
+    if threads.isdigit():
+        torch.set_num_threads(int(threads))
     sys.argv = [module, *args]
     code = 0
     try:
@@ -135,11 +164,9 @@ def _child(module: str, args: list[str], env: dict, cwd: str, stdout: str, stder
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     if code == -2:
-        import signal
-
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
-    os._exit(code & 0xFF)
+    return code
 
 
 if __name__ == "__main__":

@@ -22,3 +22,5 @@ if how == "ctrl_c":
     raise KeyboardInterrupt
 if how == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
+if how == "sleep":
+    time.sleep(60)
