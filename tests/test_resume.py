@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import Timer
 
 from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
 from tlexp.callbacks.reseed import _validation_may_follow
@@ -238,9 +239,14 @@ def test_validation_within_epochs_keeps_checkpoints_at_epoch_ends(tmp_path, tree
         (6, 4, None, False, [0, 1, 2, 3]),  # every 6 batches across epochs: mid-epoch in the next one
         (None, 4, 1, False, [0, 1, 2, 3]),  # on a clock
         (4, 4, 1, True, [0, 1, 2, 3]),  # asked to stop: Lightning validates after this batch
+        (4, 4, 1, "max_time", [0, 1, 2, 3]),  # Lightning's Timer may ask to stop after this callback
+        (float("inf"), float("inf"), 1, False, [0, 1, 2, 3]),  # a loader without a length: any batch may be the last
     ],
 )
 def test_the_streams_are_copied_only_where_a_validation_may_follow(every, per_epoch, check_every_n, stop, copied_after):
     """The copy costs ~45 us a batch; it is skipped after batches Lightning validates after under no setting."""
-    trainer = SimpleNamespace(val_check_batch=every, num_training_batches=per_epoch, check_val_every_n_epoch=check_every_n, should_stop=stop)
-    assert [i for i in range(per_epoch) if _validation_may_follow(trainer, i)] == copied_after
+    trainer = SimpleNamespace(
+        val_check_batch=every, num_training_batches=per_epoch, check_val_every_n_epoch=check_every_n,
+        should_stop=stop is True, callbacks=[Timer(duration="00:01:00:00")] if stop == "max_time" else [],
+    )
+    assert [i for i in range(4) if _validation_may_follow(trainer, i)] == copied_after

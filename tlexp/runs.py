@@ -296,7 +296,7 @@ def _take(lock, run_dir: Path) -> None:
     """The run dir's lock, or RunDirBusy. A run killed (SIGKILL) with data-loader workers leaves them holding the
     lock they were forked with until they notice (torch looks every 5 s): a run started again at once waits for
     them rather than being refused for a process that has ended."""
-    deadline = time.monotonic() + ORPHANS_WAIT_S
+    deadline, waiting = time.monotonic() + ORPHANS_WAIT_S, False
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -313,6 +313,9 @@ def _take(lock, run_dir: Path) -> None:
                 f"tlexp-train pid {pid} has ended, but processes it started still hold {lock.name} after {ORPHANS_WAIT_S} s: "
                 f"end them (fuser -k {lock.name}), or give this run another hydra.run.dir"
             )
+        if not waiting:
+            log.info("tlexp-train pid %s has ended: waiting for the processes it started to let go of %s", pid, lock.name)
+            waiting = True
         time.sleep(0.2)
 
 
@@ -326,7 +329,10 @@ def _ended_here(pid: str, run_dir: Path) -> bool:
         return True
     except PermissionError:  # another user's process
         return False
-    return False
+    try:  # killed but not yet reaped by its parent: a zombie (Linux says so)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 def jobs_running(sweep_dir: Path) -> int:

@@ -15,11 +15,12 @@ the epoch its process started at (a resumed run would shuffle differently).
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, Timer
 
 from tlexp.seeds import RESEED, mix
 
@@ -60,9 +61,10 @@ class ReseedEachEpoch(Callback):
 
 def _validation_may_follow(trainer, batch_idx: int) -> bool:
     """Lightning validates after an epoch's last batch, every ``val_check_batch`` batches (counted across epochs
-    without ``check_val_every_n_epoch``), on a clock (``val_check_batch`` None) and when asked to stop."""
+    without ``check_val_every_n_epoch``), on a clock (``val_check_batch`` None) and when asked to stop, which
+    Lightning's ``Timer`` (``max_time``) asks after this callback has run."""
     every, batches = trainer.val_check_batch, trainer.num_training_batches
     return (
-        every is None or every < batches or trainer.check_val_every_n_epoch is None
-        or batch_idx + 1 >= batches or trainer.should_stop
+        every is None or every < batches or trainer.check_val_every_n_epoch is None or math.isinf(batches)
+        or batch_idx + 1 >= batches or trainer.should_stop or any(isinstance(c, Timer) for c in trainer.callbacks)
     )
