@@ -156,9 +156,10 @@ def test_an_export_that_fails_its_check_leaves_out_as_it_was(trained_run, tmp_pa
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             job(compose("export", [f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"out={out}", "formats=[torchscript]"]))
 
+    (tmp_path / "out" / ".exporting-killed").mkdir(parents=True)  # left by an export killed mid-way
     export(tmp_path / "out")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    assert sorted(before) == ["model.json", "model.torchscript.pt"]  # no staging left after a good export
+    assert sorted(before) == ["model.json", "model.torchscript.pt"]  # no staging left, its own or a killed one's
     monkeypatch.setattr(torch.jit, "load", lambda path: _Uniform())
     for out in (tmp_path / "out", tmp_path / "new"):
         capsys.readouterr()

@@ -87,6 +87,8 @@ def export(cfg: DictConfig) -> dict:
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     # exported into a hidden folder and moved into out once checked: a failed check leaves out as it was
+    for leftover in out.glob(".exporting-*"):  # an export killed mid-way
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out))
     try:
         with torch.inference_mode():
@@ -140,6 +142,7 @@ def export(cfg: DictConfig) -> dict:
                 f"(> tolerance {cfg.tolerance}); nothing was exported to {out}: raise tolerance= to accept the difference"
             )
         (staging / "model.json").write_text(json.dumps(report, indent=2))
+        (out / "model.json").unlink(missing_ok=True)  # a previous export's must not vouch for files half replaced
         for name in [*(e["file"] for e in report["exports"].values()), "model.json"]:  # model.json last: it says they are checked
             os.replace(staging / name, out / name)
     finally:
