@@ -112,15 +112,14 @@ def _run(module: str, args, env: dict, timeout: int) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _cli_runs_forked(tmp_path_factory):
+def _cli_runs_forked():
     """The CLI runs fork from one process with the heavy libraries imported (tests/zygote.py); not with a GPU."""
     global _zygote
     if os.environ.get("TLEXP_TEST_FRESH_INTERPRETERS") or torch.cuda.is_available():
         yield
         return
-    _zygote = Zygote(REPO, _pythonpath(), tmp_path_factory.mktemp("zygote") / "log")
+    _zygote = Zygote(_pythonpath())
     yield
-    _zygote.close()
     _zygote = None
 
 
