@@ -84,57 +84,24 @@ def export(cfg: DictConfig) -> dict:
         raise TlexpError(f"none of the {len(bad)} image file(s) to verify the export on decodes: pass images=<good images>")
     transform = eval_transform(pre)
     batch = torch.stack([transform(load_rgb(f)) for f in files])
+    report: dict = {
+        "source_checkpoint": str(ckpt.resolve()),
+        "input": {"shape": ["N", 3, pre.crop_size, pre.crop_size], "layout": "NCHW float32, normalized"},
+        "preprocessing": pre.as_dict(),
+        "class_names": list(module.hparams.class_names),
+        "output": "logits (softmax gives class probabilities)",
+        "verified_on_images": len(files),
+        "exports": {},
+    }
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    # exported into a hidden folder and moved into out once checked: a failed check leaves out as it was
     for leftover in out.glob(".exporting-*"):  # an export killed mid-way
         shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out))  # moved into out once checked
     try:
-        with torch.inference_mode():
-            reference = model(batch).softmax(dim=1)
-        report: dict = {
-            "source_checkpoint": str(ckpt.resolve()),
-            "input": {"shape": ["N", 3, pre.crop_size, pre.crop_size], "layout": "NCHW float32, normalized"},
-            "preprocessing": pre.as_dict(),
-            "class_names": list(module.hparams.class_names),
-            "output": "logits (softmax gives class probabilities)",
-            "verified_on_images": len(files),
-            "exports": {},
-        }
-        example = batch[:1]
-        if "torchscript" in cfg.formats:
-            path = staging / "model.torchscript.pt"
-            with torch.no_grad():
-                torch.jit.save(torch.jit.trace(model, example), path)
-            loaded = torch.jit.load(path).eval()
-            with torch.inference_mode():
-                diff = (loaded(batch).softmax(dim=1) - reference).abs().max().item()
-            report["exports"]["torchscript"] = {"file": path.name, "max_abs_prob_diff": diff}
-        if "onnx" in cfg.formats:
-            ort = _import_onnxruntime(Path(cfg.paths.data_dir))
-            path = staging / "model.onnx"
-            batch_dim = torch.export.Dim("batch", min=1, max=1024)
-            torch.onnx.export(  # traced at batch 2: an example of 1 lets torch.export fix the batch size to 1
-                model, (example.repeat(2, 1, 1, 1),), path, input_names=["image"], output_names=["logits"],
-                dynamic_shapes=({0: batch_dim},), dynamo=True, external_data=False, verbose=False,
-            )
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            logits = session.run(None, {"image": batch.numpy()})[0]
-            diff = (torch.from_numpy(logits).softmax(dim=1) - reference).abs().max().item()
-            one = example.numpy()
-            eager_ms = 1e3 * median_seconds(model, example, cfg.speed.warmup, cfg.speed.repeats)
-            fast, runtime = inference_runtime(model, (example,), cfg.speed.runtime)
-            torch_ms = 1e3 * median_seconds(fast, example, cfg.speed.warmup, cfg.speed.repeats)
-            ort_ms = 1e3 * median_seconds(lambda x: session.run(None, {"image": x}), one, cfg.speed.warmup, cfg.speed.repeats)
-            report["exports"]["onnx"] = {"file": path.name, "max_abs_prob_diff": diff, "opset": _opset(path)}
-            report["speed_batch1_ms"] = {
-                "torch": torch_ms, "torch_runtime": runtime, "torch_eager": eager_ms,
-                "onnxruntime": ort_ms, "torch_over_onnxruntime": torch_ms / ort_ms,
-                "threads": torch.get_num_threads(), "statistic": f"median of {cfg.speed.repeats} after {cfg.speed.warmup} warm-up",
-            }
+        report["exports"], speed = _export_into(staging, model, batch, cfg)
+        if speed is not None:
+            report["speed_batch1_ms"] = speed
         diffs = {name: e["max_abs_prob_diff"] for name, e in report["exports"].items()}
         if failed := [name for name, diff in diffs.items() if diff > cfg.tolerance]:
             raise TlexpError(
@@ -150,6 +117,48 @@ def export(cfg: DictConfig) -> dict:
         if made and not any(out.iterdir()):
             out.rmdir()
     return report
+
+
+def _export_into(folder: Path, model: nn.Module, batch: torch.Tensor, cfg: DictConfig) -> tuple[dict, dict | None]:
+    """Each format's file in ``folder`` with its largest probability difference from ``model`` on ``batch``; with
+    ONNX, the batch-1 latencies of PyTorch and ONNX Runtime measured side by side."""
+    with torch.inference_mode():
+        reference = model(batch).softmax(dim=1)
+    exports, speed = {}, None
+    example = batch[:1]
+    if "torchscript" in cfg.formats:
+        path = folder / "model.torchscript.pt"
+        with torch.no_grad():
+            torch.jit.save(torch.jit.trace(model, example), path)
+        loaded = torch.jit.load(path).eval()
+        with torch.inference_mode():
+            diff = (loaded(batch).softmax(dim=1) - reference).abs().max().item()
+        exports["torchscript"] = {"file": path.name, "max_abs_prob_diff": diff}
+    if "onnx" in cfg.formats:
+        ort = _import_onnxruntime(Path(cfg.paths.data_dir))
+        path = folder / "model.onnx"
+        batch_dim = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(  # traced at batch 2: an example of 1 lets torch.export fix the batch size to 1
+            model, (example.repeat(2, 1, 1, 1),), path, input_names=["image"], output_names=["logits"],
+            dynamic_shapes=({0: batch_dim},), dynamo=True, external_data=False, verbose=False,
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        logits = session.run(None, {"image": batch.numpy()})[0]
+        diff = (torch.from_numpy(logits).softmax(dim=1) - reference).abs().max().item()
+        one = example.numpy()
+        eager_ms = 1e3 * median_seconds(model, example, cfg.speed.warmup, cfg.speed.repeats)
+        fast, runtime = inference_runtime(model, (example,), cfg.speed.runtime)
+        torch_ms = 1e3 * median_seconds(fast, example, cfg.speed.warmup, cfg.speed.repeats)
+        ort_ms = 1e3 * median_seconds(lambda x: session.run(None, {"image": x}), one, cfg.speed.warmup, cfg.speed.repeats)
+        exports["onnx"] = {"file": path.name, "max_abs_prob_diff": diff, "opset": _opset(path)}
+        speed = {
+            "torch": torch_ms, "torch_runtime": runtime, "torch_eager": eager_ms,
+            "onnxruntime": ort_ms, "torch_over_onnxruntime": torch_ms / ort_ms,
+            "threads": torch.get_num_threads(), "statistic": f"median of {cfg.speed.repeats} after {cfg.speed.warmup} warm-up",
+        }
+    return exports, speed
 
 
 def _opset(path: Path) -> int | None:
