@@ -71,7 +71,9 @@ def test_lr_finder_suggests_without_overriding_by_default(dashboard_run):
 
 
 def test_lr_finder_suggestion_can_be_used(tiny_tree, tmp_path):
-    result = train(tmp_path / "run", tiny_tree, "tune.lr_find=true", "tune.num_training=20", "tune.use_suggestion=true", "model=resnet18")
+    # cosine: the search's trainer is open-ended (max_epochs=-1), the schedule's length the run's
+    result = train(tmp_path / "run", tiny_tree, "tune.lr_find=true", "tune.num_training=20", "tune.use_suggestion=true",
+                   "model=resnet18", "optim.scheduler=cosine")
     assert "Finding best initial lr" not in result.stderr  # issue 16: no tqdm bar where the run shows none
     metrics = read_metrics(tmp_path / "run")
     assert metrics["lr_find"]["used"] is True and metrics["lr"] == metrics["lr_find"]["suggestion"]

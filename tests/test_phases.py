@@ -92,3 +92,8 @@ def test_a_cosine_schedule_shorter_than_the_training_is_refused():
         module.configure_optimizers()
     module.trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False)
     assert module.configure_optimizers()["lr_scheduler"]["scheduler"].T_max == 2
+    module.hparams.total_epochs = None  # a trainer ended by max_steps or max_time gives the cosine no length
+    for open_ended in ({"max_steps": 100}, {"max_epochs": -1, "max_time": "00:00:01:00"}):
+        module.trainer = pl.Trainer(**open_ended, logger=False, enable_checkpointing=False)
+        with pytest.raises(TlexpError, match=r"needs a length and the trainer's max_epochs=(None|-1) gives none .*: pass total_epochs"):
+            module.configure_optimizers()

@@ -66,6 +66,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
 
     history = EpochHistory(finetuning.phase_at)
     epochs = cfg.trainer.max_epochs or finetuning.epochs
+    module.hparams.total_epochs = epochs  # the cosine's length, also while the LR finder's open-ended search runs
     rate = FoundRate()
     trainer = build_trainer(cfg, run_dir, epochs, finetuning, history, RunIdentity(identity), rate)
     if cfg.tune.lr_find and ckpt_path:

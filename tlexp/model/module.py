@@ -18,7 +18,6 @@ from torchmetrics.classification import (
 )
 
 from tlexp.data.transforms import Preprocessing
-from tlexp.errors import TlexpError
 from tlexp.features.cut import cut_frozen_prefix
 from tlexp.model.backbones import build_backbone
 from tlexp.model.losses import build_loss
@@ -205,11 +204,6 @@ class TransferModule(pl.LightningModule):
         ]
         optimizer = build_optimizer(cfg, groups, lr)
         epochs = self.hparams.total_epochs or self.trainer.max_epochs
-        if cfg.get("scheduler") == "cosine" and self.trainer.max_epochs > epochs:  # past its end a cosine rises again
-            raise TlexpError(
-                f"the cosine schedule lasts total_epochs={epochs} but the trainer may train max_epochs="
-                f"{self.trainer.max_epochs}: pass total_epochs >= max_epochs (or leave it unset)"
-            )
-        schedule = build_schedule(cfg, optimizer, epochs, lambda: self.trainer.estimated_stepping_batches)
+        schedule = build_schedule(cfg, optimizer, epochs, self.trainer.max_epochs, lambda: self.trainer.estimated_stepping_batches)
         return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
 

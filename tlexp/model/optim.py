@@ -64,8 +64,9 @@ def check_optimizer(cfg: dict) -> None:
     build_optimizer(cfg, [{"params": [torch.zeros(1, requires_grad=True)]}], cfg["lr"])
 
 
-def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, epochs: int, total_steps) -> dict | None:
-    """Lightning's ``lr_scheduler`` entry, or None; ``total_steps``: called only for a per-step schedule."""
+def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, epochs: int | None, max_epochs: int | None, total_steps) -> dict | None:
+    """Lightning's ``lr_scheduler`` entry, or None; ``epochs``: the cosine's length, ``max_epochs``: the
+    trainer's (-1 or None: open-ended); ``total_steps``: called only for a per-step schedule."""
     name = cfg.get("scheduler")
     if name not in SCHEDULERS:
         raise TlexpError(f"optim.scheduler={name}: choose one of null, cosine, onecycle")
@@ -74,6 +75,7 @@ def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, epochs: int, tot
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps())
         return {"scheduler": schedule, "interval": "step"}
     if name == "cosine":
+        check_cosine_length(epochs, max_epochs)
         warmup = cfg.get("warmup_epochs", 0)
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warmup))
         if warmup:
@@ -81,3 +83,17 @@ def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, epochs: int, tot
             cosine = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
         return {"scheduler": cosine, "interval": "epoch"}
     return None
+
+
+def check_cosine_length(epochs: int | None, max_epochs: int | None) -> None:
+    """Past its end torch's cosine rises again, and an open-ended trainer gives it no end."""
+    if epochs is None or epochs < 1:
+        raise TlexpError(
+            f"the cosine schedule needs a length and the trainer's max_epochs={max_epochs} gives none "
+            "(max_steps or max_time ends it): pass total_epochs, the epochs it will train"
+        )
+    if max_epochs is not None and max_epochs > epochs:
+        raise TlexpError(
+            f"the cosine schedule lasts total_epochs={epochs} but the trainer may train max_epochs="
+            f"{max_epochs}: pass total_epochs >= max_epochs (or leave it unset)"
+        )
