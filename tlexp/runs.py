@@ -72,7 +72,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp).unlink(missing_ok=True)
             unwritable = isinstance(exc, Exception) and write_failure(
                 path.parent, f"checkpoint {path.name}", exc, needed=_tensor_bytes(checkpoint),
-                advice="free space there, or run in a folder with room (hydra.run.dir=...), then resume=true",
+                elsewhere="run in another folder (hydra.run.dir=...), then resume=true",
             )
             if not unwritable:
                 raise
@@ -142,7 +142,7 @@ def recorded(cfg, run_dir: Path, in_sweep: bool, overrides: list[str]):
         _fail_clearly(cfg, run_dir, exc, in_sweep)
     except Exception as exc:
         where = Path(os.fsdecode(exc.filename)).parent if isinstance(exc, OSError) and exc.filename else run_dir
-        unwritable = write_failure(where, "the run's files", exc, "free space there, or run in a folder with room (hydra.run.dir=...)")
+        unwritable = write_failure(where, "the run's files", exc, "run in another folder (hydra.run.dir=...)")
         if unwritable is not None:
             _fail_clearly(cfg, run_dir, unwritable, in_sweep)
             return

@@ -40,27 +40,30 @@ def _mb(size: int | None) -> str:
     return "?" if size is None else f"{size / 2**20:,.1f} MB"
 
 
-def write_failure(folder: Path, what: str, exc: BaseException, advice: str, needed: int | None = None) -> TlexpError | None:
-    """A clear error for a write of ``what`` into ``folder`` that failed for room or permission, else None."""
+def write_failure(folder: Path, what: str, exc: BaseException, elsewhere: str, needed: int | None = None) -> TlexpError | None:
+    """A clear error for a write of ``what`` into ``folder`` that failed for room or permission, else None.
+
+    ``elsewhere``: how to write it somewhere else, the fix for both; a full disk also offers freeing space.
+    """
     code = getattr(exc, "errno", None)
     free = free_bytes(folder)
     if code in NO_ROOM or (needed is not None and free is not None and free < needed):
-        return TlexpError(_no_room(folder, what, free, needed, advice))
+        return TlexpError(_no_room(folder, what, free, needed, elsewhere))
     if code in NOT_WRITABLE:
-        return TlexpError(f"cannot write {what} in {folder} ({os.strerror(code)}): {advice}")
+        return TlexpError(f"cannot write {what} in {folder} ({os.strerror(code)}): {elsewhere}")
     return None
 
 
-def check_room(folder: Path, what: str, needed: int, advice: str, error: type[TlexpError] = TlexpError) -> None:
+def check_room(folder: Path, what: str, needed: int, elsewhere: str, error: type[TlexpError] = TlexpError) -> None:
     """Refuse before writing ``needed`` bytes where they do not fit."""
     free = free_bytes(folder)
     if free is not None and free < needed:
-        raise error(_no_room(folder, what, free, needed, advice))
+        raise error(_no_room(folder, what, free, needed, elsewhere))
 
 
-def _no_room(folder: Path, what: str, free: int | None, needed: int | None, advice: str) -> str:
+def _no_room(folder: Path, what: str, free: int | None, needed: int | None, elsewhere: str) -> str:
     need = f", {_mb(needed)} needed" if needed else ""
-    return f"no space left on the disk of {folder} for {what} ({_mb(free)} free{need}): {advice}"
+    return f"no space left on the disk of {folder} for {what} ({_mb(free)} free{need}): free space there, or {elsewhere}"
 
 
 def hold_ballast(run_dir: Path) -> None:

@@ -21,7 +21,7 @@ from tlexp.record import file_digest
 from tlexp.storage import write_failure
 
 log = logging.getLogger(__name__)
-NO_ROOM_ADVICE = "free space there, or point TLEXP_DATA_DIR (paths.data_dir) at a folder on another disk, and run again"
+ELSEWHERE = "point TLEXP_DATA_DIR (paths.data_dir) at another folder, and run again"
 
 
 def _fetch(url: str, dest: Path) -> None:
@@ -65,7 +65,7 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
             _fetch(url, part)
         except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a URL without a scheme
             part.unlink(missing_ok=True)
-            if full := write_failure(parent, f"the download of {archive.name}", exc, NO_ROOM_ADVICE):
+            if full := write_failure(parent, f"the download of {archive.name}", exc, ELSEWHERE):
                 raise full from exc
             raise TlexpError(
                 f"could not download {url} ({exc}). Offline? Copy the extracted data set to {root} "
@@ -92,7 +92,7 @@ def _download_and_extract(url: str, sha256: str | None, root: Path) -> None:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)  # first, so the free space told is what the next try has
             needed = sum(m.size for m in members)
-            if full := write_failure(parent, f"the extraction of {archive.name}", exc, f"the archive is kept; {NO_ROOM_ADVICE}", needed):
+            if full := write_failure(parent, f"the extraction of {archive.name}", exc, f"{ELSEWHERE} (the archive is kept)", needed):
                 raise full from exc
             raise
         extracted = staging / root.name

@@ -31,7 +31,7 @@ from tlexp.storage import check_room, write_failure
 
 log = logging.getLogger(__name__)
 
-CACHE_ADVICE = "training goes on without the cache; point perf.cache_dir at a disk with room, or set perf.feature_cache=false"
+CACHE_ELSEWHERE = "point perf.cache_dir at another folder, or set perf.feature_cache=false"
 
 
 class CacheUnwritable(TlexpError):
@@ -99,7 +99,7 @@ class FeatureStore:
                     one_job_at_a_time(self.root / f".{digest}.lock", f"feature cache: {label} is being built by another job")
                 )
             except OSError as exc:  # the lock file cannot be made; an OSError of the build itself is not this
-                raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ADVICE) or exc) from exc
+                raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ELSEWHERE) or exc) from exc
             yield
 
     def _build(self, entry: Path, key: dict, compute: Compute, images: DataLoader, label: str) -> None:
@@ -108,7 +108,7 @@ class FeatureStore:
             _remove_orphaned_staging(self.root)
             staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-{os.getpid()}-", dir=self.root))
         except OSError as exc:
-            raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ADVICE) or exc) from exc
+            raise CacheUnwritable(write_failure(self.root, "the feature cache", exc, CACHE_ELSEWHERE) or exc) from exc
         try:
             shapes, dtypes = self._compute(staging, compute, images, torch.float16)
             if shapes is None:
@@ -121,7 +121,7 @@ class FeatureStore:
             except OSError:  # another job finished the same entry first: theirs is identical
                 pass
         except OSError as exc:
-            clear = write_failure(self.root, "the feature cache", exc, CACHE_ADVICE)
+            clear = write_failure(self.root, "the feature cache", exc, CACHE_ELSEWHERE)
             if clear is None:
                 raise
             raise CacheUnwritable(clear) from exc
@@ -151,7 +151,7 @@ class FeatureStore:
                         shapes = [[n, *v.shape[1:]] for v in values]
                         dtypes = [v.numpy().dtype for v in values]
                         needed = sum(n * v[0].numel() * v.element_size() for v in values)
-                        check_room(staging, "the feature cache", needed, CACHE_ADVICE, CacheUnwritable)
+                        check_room(staging, "the feature cache", needed, CACHE_ELSEWHERE, CacheUnwritable)
                         for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
                             files.append(open(staging / f"cut{i}.npy", "wb"))  # noqa: SIM115 -- closed below
                             header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
