@@ -148,7 +148,10 @@ lock = open(f"{run}/.tlexp.lock", "a+")
 fcntl.flock(lock, fcntl.LOCK_EX)
 lock.write(str(os.getpid()))
 lock.flush()
-open(f"{run}/.tlexp.running", "w").write(socket.gethostname())
+running = open(f"{run}/.tlexp.running", "w")
+running.write(socket.gethostname())
+running.flush()
+fcntl.flock(running, fcntl.LOCK_EX)
 if os.fork() == 0:
     time.sleep(2)
     os._exit(0)
@@ -166,6 +169,9 @@ def test_a_run_killed_with_loader_workers_alive_can_start_again_at_once(tmp_path
     assert killed.returncode == -signal.SIGKILL
     pid = (run / ".tlexp.lock").read_text()
     started = time.monotonic()
+    with open(run / runs.RUNNING) as probe, pytest.raises(BlockingIOError):
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the worker holds the job's mark too
+    assert runs.jobs_running(tmp_path) == 0  # a job that has ended is not counted (was: 1 while its workers lived)
     if refused:
         with pytest.raises(RunDirBusy, match=f"^tlexp-train pid {pid} has ended, but processes it started still hold .* after 0.5 s"), runs.locked(run):
             pass

@@ -340,7 +340,8 @@ def jobs_running(sweep_dir: Path) -> int:
 
     What the launcher's cap (perf.sweep_jobs) cannot say: an Optuna search with ``n_jobs: 1`` runs
     its trials one by one, and a sweep's last rows run with fewer beside them. Jobs of a SLURM
-    array on other nodes share no device with this one: not counted.
+    array on other nodes share no device with this one, and a killed job whose loader workers still
+    hold its lock has ended: neither is counted.
     """
     here, count = socket.gethostname(), 0
     for mark in sweep_dir.rglob(RUNNING):
@@ -349,7 +350,7 @@ def jobs_running(sweep_dir: Path) -> int:
                 try:
                     fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    count += probe.read() == here
+                    count += probe.read() == here and not _ended_here(mark.with_name(".tlexp.lock").read_text().strip(), mark.parent)
         except OSError:  # a run dir being removed, another user's file: not a job this one can see
             continue
     return count
