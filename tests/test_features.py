@@ -149,6 +149,16 @@ def test_cached_training_reports_what_the_model_computes(tmp_path, tiny_tree, da
     assert last["val_loss"] == pytest.approx(_full_model_val_loss(run), rel=2e-3)
 
 
+def test_a_half_precision_run_trains_on_cached_values(tmp_path, tiny_tree):
+    """trainer.precision=bf16-true (16-true on a GPU): the builder runs the bf16 prefix on bf16 inputs as Lightning's
+    loop would, and the suffix gets the cached values in its weights' dtype (both were fp32: a dtype error)."""
+    run = tmp_path / "run"
+    train(run, tiny_tree, "model=resnet18", "strategy=blocks_2", "trainer.precision=bf16-true")
+    log = (run / "train.log").read_text()
+    assert "phase A: frozen prefix cached up to" in log and "phase B: frozen prefix cached up to" in log
+    assert read_metrics(run)["status"] == "completed"
+
+
 def test_a_prefix_that_does_not_compile_runs_eagerly(monkeypatch, caplog):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -161,10 +161,9 @@ class FrozenPrefixCache(Callback):
             images = len(split["train"]) * max(self.views[phase], 1) + len(split["val"]) + len(split["test"])
             worth = self.compile_min_images is not None and images >= self.compile_min_images and device.type == "cpu"
             trainer = module._trainer
-            precision = nullcontext if trainer is None else trainer.precision_plugin.forward_context
             self.runners[phase] = PrefixRunner(
                 prefix, to_model_input(datamodule.preprocessing), module.memory_format, self.store.batch_size,
-                worth, device, precision,
+                worth, device, None if trainer is None else trainer.precision_plugin,
             )
         return self.runners[phase]
 

@@ -133,8 +133,9 @@ class TransferModule(pl.LightningModule):
         with flip TTA the mirrors' too, ``"mirrored"``)."""
         mirror = self.tta == "flip" and not self.training
         if isinstance(x, dict):
-            # Cached values arrive in their stored dtype (fp16 where exact enough): widened per batch.
-            run = lambda values: self.head(self._suffix()(*(self._layout(v.float()) for v in values)))
+            # Cached values arrive in their stored dtype (fp16 where exact enough): cast per batch to the
+            # weights' dtype (fp32, or a *-true run's bf16/fp16, which Lightning's loop has cast them to already).
+            run = lambda values: self.head(self._suffix()(*(self._layout(v.to(self.dtype)) for v in values)))
             return mirror_average(run(x["inputs"]), run(x["mirrored"])) if mirror else run(x["inputs"])
         images = self._layout(x)
         return with_mirror(self._images_to_logits, images) if mirror else self._images_to_logits(images)
