@@ -18,7 +18,7 @@ from tests.conftest import (
     red_images_and_broken_files,
     run_module,
 )
-from tlexp.predict import list_images, load_model, print_table
+from tlexp.predict import list_images, load_model, precision_context, print_table
 
 
 def predict_cli(*args: str) -> subprocess.CompletedProcess:
@@ -45,6 +45,14 @@ def test_predictions_match_trainer_test(trained_run, tmp_path):
     assert served.precision == read_metrics(run)["precision"]
     assert served.module.memory_format == (torch.channels_last if read_metrics(run)["channels_last"] else torch.contiguous_format)
     assert f"serving in {served.precision}" in result.stdout + result.stderr
+
+
+def test_a_16_mixed_run_is_served_on_a_cpu_in_bf16():
+    """A GPU run's 16-mixed checkpoint served without a GPU runs as Lightning runs 16-mixed on a CPU, and as its
+    metrics.json "cpu" figures were timed: bf16 autocast (was: fp16 autocast, which Lightning does not use on CPUs)."""
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with torch.inference_mode(), precision_context("16-mixed", torch.device("cpu")):
+        assert conv(torch.rand(1, 3, 8, 8)).dtype == torch.bfloat16
 
 
 def test_one_file_and_a_glob(trained_run):

@@ -12,13 +12,11 @@ import glob
 import logging
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.plugins.precision import MixedPrecision
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -32,6 +30,7 @@ from tlexp.data.transforms import Preprocessing, eval_transform
 from tlexp.errors import TlexpError
 from tlexp.model.module import TransferModule
 from tlexp.runs import verify_checkpoint
+from tlexp.speed import timing
 
 log = logging.getLogger("tlexp.predict")
 
@@ -92,12 +91,11 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def precision_context(precision: str, device: torch.device):
-    """The forward context Lightning's trainer used for ``precision`` (autocast for the mixed ones)."""
-    if precision in ("32-true", "32", "64-true"):
-        return nullcontext()
-    if precision in ("bf16-mixed", "16-mixed"):
-        return MixedPrecision(precision, device.type).forward_context()
-    raise TlexpError(f"precision={precision}: tlexp-predict serves 32-true, bf16-mixed or 16-mixed")
+    """The forward context Lightning's trainer uses for ``precision`` on ``device`` (autocast for the mixed ones):
+    on a CPU, 16-mixed runs as bf16-mixed, as Lightning runs it there and the run's CPU speed figures were timed."""
+    if precision not in ("32-true", "32", "64-true", "bf16-mixed", "16-mixed"):
+        raise TlexpError(f"precision={precision}: tlexp-predict serves 32-true, bf16-mixed or 16-mixed")
+    return timing.precision_context(timing.precision_on(precision, device), device)
 
 
 @torch.inference_mode()
@@ -172,7 +170,7 @@ def run(cfg: DictConfig) -> None:
     files = [f for f in files if f not in bad]
     if not files:
         raise TlexpError(f"images={cfg.images}: none of the {len(bad)} file(s) decodes as an image")
-    log.info("serving in %s on %s", precision, module.device)
+    log.info("serving in %s on %s", timing.precision_on(precision, device), module.device)
     probs = predict(module, pre, files, cfg.batch_size, cfg.num_workers, precision)
     print_table(files, probs, class_names, top_k, cfg.print_limit)
     if out:
