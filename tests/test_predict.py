@@ -17,6 +17,7 @@ from tests.conftest import (
     read_metrics,
     red_images_and_broken_files,
     run_module,
+    train,
 )
 from tlexp.predict import list_images, load_model, precision_context, print_table
 
@@ -53,6 +54,23 @@ def test_a_16_mixed_run_is_served_on_a_cpu_in_bf16():
     conv = torch.nn.Conv2d(3, 4, 3)
     with torch.inference_mode(), precision_context("16-mixed", torch.device("cpu")):
         assert conv(torch.rand(1, 3, 8, 8)).dtype == torch.bfloat16
+
+
+def test_a_bf16_true_run_is_served_as_tested(tmp_path, tiny_tree):
+    """A *-true run (16-true on a GPU) tested with bf16 weights and inputs: tlexp-predict precision=auto serves it so
+    (was: 'precision=bf16-true: tlexp-predict serves 32-true, bf16-mixed or 16-mixed', after decoding every image)."""
+    run = tmp_path / "run"
+    train(run, tiny_tree, "model=resnet18", "strategy=blocks_2", "trainer.precision=bf16-true")
+    out = tmp_path / "p.csv"
+    result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tiny_tree}", f"csv={out}", "num_workers=0", "batch_size=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "serving in bf16-true" in result.stdout + result.stderr
+    with open(run / "split.csv") as f:
+        test_rows = {str(tiny_tree / r["path"]): r["class"] for r in csv.DictReader(f) if r["subset"] == "test"}
+    with open(out) as f:
+        top1 = {r["path"]: r["top1"] for r in csv.DictReader(f)}
+    correct = sum(top1[p] == label for p, label in test_rows.items())
+    assert correct / len(test_rows) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)
 
 
 def test_one_file_and_a_glob(trained_run):

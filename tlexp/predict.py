@@ -90,10 +90,14 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
+# A *-true run tested with its weights, and inputs, in this dtype (Lightning's HalfPrecision): served in it too.
+TRUE_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
 def precision_context(precision: str, device: torch.device):
     """The forward context Lightning's trainer uses for ``precision`` on ``device`` (autocast for the mixed ones):
     on a CPU, 16-mixed runs as bf16-mixed, as Lightning runs it there and the run's CPU speed figures were timed."""
-    if precision not in ("32-true", "32", "64-true", "bf16-mixed", "16-mixed"):
+    if precision not in ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", *TRUE_DTYPES):
         raise TlexpError(f"precision={precision}: tlexp-predict serves 32-true, bf16-mixed or 16-mixed")
     return timing.precision_context(timing.precision_on(precision, device), device)
 
@@ -102,13 +106,13 @@ def precision_context(precision: str, device: torch.device):
 def predict(
     module: TransferModule, pre: Preprocessing, files: list[Path], batch_size: int, num_workers: int, precision: str = "32-true",
 ) -> torch.Tensor:
-    """Class probabilities (fp32, on the CPU), one row per file; the model runs on the device it is on."""
+    """Class probabilities (fp32, on the CPU), one row per file; the model runs on the device, and in the dtype, it is in."""
     device = module.device
     dataset = ImageListDataset([Sample(f, -1) for f in files], eval_transform(pre))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     batches = track(loader, description="predicting", transient=True) if len(loader) > 1 else loader
     with precision_context(precision, device):
-        return torch.cat([module(x.to(device, non_blocking=True)).float().softmax(dim=1).cpu() for x, _ in batches])
+        return torch.cat([module(x.to(device, module.dtype, non_blocking=True)).float().softmax(dim=1).cpu() for x, _ in batches])
 
 
 def write_csv(
@@ -162,7 +166,7 @@ def run(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
     module, pre, run_precision = load_model(cfg.ckpt)
     precision = run_precision if cfg.precision == "auto" else cfg.precision
-    module.to(device)
+    module.to(device, TRUE_DTYPES.get(precision))
     class_names = module.hparams.class_names
     top_k = min(cfg.top_k, len(class_names))
     files = list_images(str(cfg.images))
