@@ -71,3 +71,12 @@ def test_flops_and_speed_run_on_the_models_device(compose_cfg, tiny_tree):
     speed = inference_speed(module, 32, batch_size=4, warmup=1, repeats=2, runtime="eager")
     assert speed["speed_setup"]["device"] == "meta" and speed["speed_setup"]["runtime"] == "eager"
     assert speed["speed_setup"]["seconds"] > 0  # what timing cost the run (time_split.speed_cpu_s after a GPU run)
+
+
+def test_a_layers_strategy_is_found_on_the_models_device(compose_cfg, tiny_tree):
+    """layers_N measures the traced graph with a probe image: made where the backbone is (library use may build
+    PhasedFinetuning after moving the model to a GPU), not on the CPU."""
+    module, _ = _model_and_data(compose_cfg, tiny_tree)
+    module.to("meta")
+    units = modules_to_unfreeze(module.backbone_spec, parse_strategy("layers_5"))
+    assert len(units) == 5 and all(p.device.type == "meta" for u in units for p in u.parameters())

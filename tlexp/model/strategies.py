@@ -212,8 +212,9 @@ def layers(backbone: Backbone) -> list[Unit]:
     graph = trace(backbone)
     module = fx.GraphModule(body, graph)
     size = backbone.preprocessing.crop_size
+    weight = next(body.parameters())  # the body's device and dtype: it may be on a GPU already (library use)
     with _in_eval_mode(module), torch.no_grad():
-        ShapeProp(module).propagate(torch.zeros(1, 3, size, size))
+        ShapeProp(module).propagate(torch.zeros(1, 3, size, size, device=weight.device, dtype=weight.dtype))
     ops = [n for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")]
     last_spatial = max(i for i, n in enumerate(ops) if _spatial(n))
     weights = dict(body.named_parameters(remove_duplicate=False))
