@@ -270,3 +270,21 @@ time.sleep(60)
         time.sleep(0.1)
     assert calls.read_text().splitlines() == ["-d", "quit"]
     assert not any(pipes.iterdir())  # the daemon's pipe folder went with it
+
+
+def test_each_run_of_a_one_process_sweep_has_its_own_peak_gpu_memory(monkeypatch):
+    """perf=naive's sweep runs its jobs one after another in one process (joblib, n_jobs=1): each run starts the
+    CUDA peak afresh (was: peak_gpu_memory_mib the largest of every job before it too). Mocked: no GPU here."""
+    import torch
+
+    from tlexp import train as train_module
+
+    reset: list[int] = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    train_module.reset_gpu_peak_memory()
+    assert reset == []  # the first job, or a CPU run: no CUDA context is made for it
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    train_module.reset_gpu_peak_memory()
+    assert reset == [0, 1]

@@ -50,6 +50,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     started, started_at = time.perf_counter(), time.time()
     check_config(cfg)
     check_devices(cfg)
+    reset_gpu_peak_memory()
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.perf.tune_malloc and not tune_glibc_malloc():
         log.info("perf.tune_malloc: not a glibc system, allocator left as it is")
@@ -121,6 +122,14 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
              results["test_acc"], results["test_f1_macro"], f"{results['trainable_params']:,}", run_dir)
     show(*run_summary(results, _alone(HydraConfig.get())), save_as=run_dir / "summary.txt")
     return results
+
+
+def reset_gpu_peak_memory() -> None:
+    """Start the run's peak_gpu_memory_mib afresh: a sweep's jobs one after another in one process (joblib at
+    perf.sweep_jobs=1, perf=naive's) would otherwise each report the largest peak of every job before it."""
+    if torch.cuda.is_initialized():  # else nothing has used a GPU here yet, and a CPU run creates no CUDA context
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
 
 
 def _alone(hydra) -> list[str]:
