@@ -74,3 +74,20 @@ def test_predict_on_the_gpu_matches_the_test(tmp_path, tiny_tree):
         top1 = {r["path"]: r["top1"] for r in csv.DictReader(f)}
     correct = sum(top1[p] == label for p, label in test_rows.items())
     assert correct / len(test_rows) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-mixed"])
+def test_half_precision_runs_train_time_and_serve_on_the_gpu(tmp_path, tiny_tree, precision):
+    """bf16-true through the GPU-built cache (inputs in bf16) and served by tlexp-predict as tested; 16-mixed captured
+    in CUDA graphs under autocast (checked against eager) and timed on the CPU in bf16, as Lightning runs it there."""
+    run = tmp_path / "run"
+    train(run, tiny_tree, *GPU, "model=resnet18", "strategy=blocks_2", f"trainer.precision={precision}")
+    metrics = read_metrics(run)
+    assert metrics["precision"] == precision and "frozen prefix cached up to" in (run / "train.log").read_text()
+    assert metrics["speed_setup"]["runtime"] == "cudagraph" and metrics["speed_setup"]["precision"] == precision
+    assert metrics["cpu"]["speed_setup"]["precision"] == ("bf16-mixed" if precision == "16-mixed" else precision)
+    out = tmp_path / "p.csv"
+    result = run_module("tlexp.predict", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tiny_tree}",
+                        f"csv={out}", "num_workers=0", "batch_size=8", "device=cuda")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"serving in {precision} on cuda" in result.stdout + result.stderr
