@@ -15,7 +15,7 @@ from tlexp.model.module import TransferModule
 from tlexp.model.strategies import modules_to_unfreeze, parse_strategy
 
 
-def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int, name: str = "resnet18"):
+def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int, name: str = "resnet18", callbacks=()):
     dm = ImageDataModule(cfg_data, seed=0)
     dm.setup()
     module = TransferModule(
@@ -28,7 +28,7 @@ def _fit(tmp_path, cfg_data, strategy: str, phase_a: int, phase_b: int, name: st
     units = modules_to_unfreeze(module.backbone_spec, parse_strategy(strategy))
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = pl.Trainer(
-        max_epochs=phase_a + phase_b, callbacks=[PhasedFinetuning(units, phase_a)], logger=False,
+        max_epochs=phase_a + phase_b, callbacks=[PhasedFinetuning(units, phase_a), *callbacks], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=dm)
@@ -58,6 +58,25 @@ def test_phase_b_trains_only_the_strategy_modules(tmp_path):
     assert "backbone.layer4.1.bn1.running_mean" in changed
     modes = {name: m.training for name, m in module.backbone.named_modules() if isinstance(m, _BatchNorm)}
     assert modes["layer4.1.bn1"] and not modes["layer4.0.bn1"] and not modes["bn1"]
+
+
+class _SyncBatchNormAsDdpDoes(pl.Callback):
+    """trainer.sync_batchnorm under DDP (trainer=ddp): each BatchNorm swapped for a SyncBatchNorm sharing its
+    parameters, after the callbacks' setup (it computes as plain BatchNorm in one process)."""
+
+    def setup(self, trainer, pl_module, stage):
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(pl_module)
+
+
+def test_a_batchnorm_layer_unfrozen_by_layers_n_tracks_statistics_under_sync_batchnorm(tmp_path):
+    """layers_5's units hold layer4.1.bn2 itself: with sync_batchnorm (trainer=ddp's default) its SyncBatchNorm trained
+    on batch statistics while its running statistics stayed the pretrained ones, which evaluation used."""
+    root = make_image_tree(tmp_path / "img", {"a": 8, "b": 8})
+    module, changed = _fit(tmp_path, _data_cfg(root), "layers_5", phase_a=1, phase_b=1, callbacks=[_SyncBatchNormAsDdpDoes()])
+    bn2 = module.backbone.layer4[1].bn2
+    assert isinstance(bn2, torch.nn.SyncBatchNorm) and bn2.track_running_stats and bn2.weight.requires_grad
+    assert {"backbone.layer4.1.bn2.running_mean", "backbone.layer4.1.bn2.weight"} <= changed
+    assert "backbone.layer4.1.bn1.running_mean" not in changed  # frozen: not a unit of layers_5
 
 
 def test_frozen_strategy_changes_no_backbone_tensor(tmp_path):

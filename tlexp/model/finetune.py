@@ -19,6 +19,7 @@ import logging
 from pytorch_lightning.callbacks import BaseFinetuning
 from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from tlexp.callbacks.dashboard import tensorboard_writers
@@ -115,6 +116,7 @@ class PhasedFinetuning(BaseFinetuning):
         self.freeze(pl_module.backbone, train_bn=False)
         if phase == "B":  # the units' BatchNorm layers track their statistics again
             self.make_trainable([m for unit in self.units for m in unit.modules])
+            _track_in_model(pl_module.backbone, self.units)
         for p in trainable:  # and the weights that traced functions read themselves
             p.requires_grad = True
         pl_module.train(pl_module.training)  # puts frozen BatchNorm back in eval mode
@@ -130,6 +132,16 @@ class PhasedFinetuning(BaseFinetuning):
         for writer in tensorboard_writers(pl_module.trainer):
             writer.add_text("finetune/phase", message, global_step=pl_module.trainer.global_step)
         self._said = phase
+
+
+def _track_in_model(backbone: nn.Module, units: list[Unit]) -> None:
+    """The model's own BatchNorm layers among the units track their statistics, found by their parameters:
+    ``trainer.sync_batchnorm`` (trainer=ddp) swaps each BatchNorm for a SyncBatchNorm that shares them, so a
+    unit that is one BatchNorm op (layers_N) holds a layer no longer in the model, which make_trainable reaches."""
+    in_units = {id(p) for unit in units for m in unit.modules for p in m.parameters()}
+    for m in backbone.modules():
+        if isinstance(m, _BatchNorm) and any(id(p) in in_units for p in m.parameters(recurse=False)):
+            m.track_running_stats = True
 
 
 def _rewrap_ddp(trainer) -> None:
