@@ -12,9 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 
-from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
+from tests.conftest import FAST, REPO, make_image_tree, read_metrics, run_cli, train
+from tlexp.model.backbones import build_backbone
+from tlexp.model.finetune import PhasedFinetuning
 from tlexp.one_job_at_a_time import one_job_at_a_time
+from tlexp.trainer import build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +214,25 @@ def test_speed_figures_count_the_jobs_that_ran_beside_them_not_the_launchers_cap
         threading.Timer(0.2, probe.close).start()
         with runs.locked(starting):
             assert runs.jobs_running(sweep) == 1
+
+
+def test_sync_batchnorm_keeps_the_activations_of_timm_models(tmp_path):
+    """trainer=ddp sets trainer.sync_batchnorm: Lite0's BatchNormAct2d layers become synchronized ones that still
+    apply their activation, for training and after Lightning's revert for the test (was: torch's conversion dropped
+    every activation, outputs off by ~1e5). SyncBatchNorm computes as BatchNorm in one process, so the CPU checks it."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", [*FAST, "trainer.sync_batchnorm=true", f"hydra.runtime.output_dir={tmp_path}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as in a run: the loggers' and checkpoints' folders are the run dir
+    try:
+        layer_sync = build_trainer(cfg, tmp_path, 2, PhasedFinetuning([], 1))._accelerator_connector._layer_sync
+    finally:
+        HydraConfig.instance().cfg = None
+    body = build_backbone("timm", "tf_efficientnet_lite0", None).body.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = body(x)
+        synced = layer_sync.apply(body).eval()
+        assert torch.allclose(synced(x), expected, atol=1e-5)
+        reverted = layer_sync.revert(synced).eval()
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in reverted.modules())
+        assert torch.allclose(reverted(x), expected, atol=1e-5)

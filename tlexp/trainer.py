@@ -12,7 +12,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins import TorchSyncBatchNorm
 from pytorch_lightning.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
+from torch import nn
 
 from tlexp.callbacks.dashboard import TestDashboard
 from tlexp.callbacks.reseed import ReseedEachEpoch
@@ -51,12 +53,39 @@ def build_trainer(cfg: DictConfig, run_dir: Path, max_epochs: int, finetuning: P
         ))
         args["reload_dataloaders_every_n_epochs"] = 1  # each epoch asks for its phase's cached view
     trainer = pl.Trainer(
-        default_root_dir=run_dir, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO(), *([SyncBatchNormKeepingActivations()] if args.get("sync_batchnorm") else [])],
         logger=[hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None], **args,
     )
     if trainer.world_size > 1:
         _check_distributed(cfg, trainer)
     return trainer
+
+
+class SyncBatchNormKeepingActivations(TorchSyncBatchNorm):
+    """``trainer.sync_batchnorm`` (trainer=ddp) through timm's conversion. Torch's, Lightning's default, turns timm's
+    BatchNormAct2d (a BatchNorm and its activation, as in every EfficientNet-Lite0 block) into a plain SyncBatchNorm,
+    dropping the activation for training, and Lightning's revert after fitting dropped it again for the test.
+    (timm is imported when a trainer syncs, as elsewhere: it costs every run's start otherwise.)"""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+        if not isinstance(model, SyncBatchNormAct):
+            return super().revert(model)  # which comes back here for each child
+        plain = BatchNormAct2d(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats, apply_act=False)
+        if model.affine:
+            plain.weight, plain.bias = model.weight, model.bias
+        plain.running_mean, plain.running_var = model.running_mean, model.running_var
+        plain.num_batches_tracked = model.num_batches_tracked
+        for name, child in model.named_children():  # its activation and dropout
+            plain.add_module(name, self.revert(child))
+        return plain
 
 
 def _check_distributed(cfg: DictConfig, trainer: pl.Trainer) -> None:
