@@ -288,3 +288,14 @@ def test_each_run_of_a_one_process_sweep_has_its_own_peak_gpu_memory(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     train_module.reset_gpu_peak_memory()
     assert reset == [0, 1]
+
+
+def test_float16_weights_with_adams_eps_are_refused(tmp_path, tiny_tree):
+    """trainer.precision=16-true keeps weights and Adam's state in float16, where its eps=1e-8 is 0: was 'completed'
+    with nan losses from the first step and chance accuracy; now one line saying what to use instead."""
+    run = tmp_path / "run"
+    result = train(run, tiny_tree, "model=resnet18", "strategy=frozen", "trainer.precision=16-true", check=False)
+    assert result.returncode == 2
+    assert ("tlexp-train: error: optim._target_=torch.optim.Adam with eps=1e-08 on float16 weights (trainer.precision=16-true): "
+            "eps is 0 in float16") in result.stderr
+    assert read_metrics(run)["status"] == "failed"

@@ -49,7 +49,7 @@ def build_optimizer(cfg: dict, groups: list[dict], lr: float) -> torch.optim.Opt
     cls = optimizer_class(cfg["_target_"])
     extra = {k: v for k, v in cfg.items() if k not in OWN_KEYS}
     try:
-        return cls(groups, lr=lr, **extra)
+        optimizer = cls(groups, lr=lr, **extra)
     except TypeError as exc:
         raise TlexpError(
             f"optim._target_={cfg['_target_']} does not take these settings ({exc}): drop them with ~optim.<key> "
@@ -57,6 +57,20 @@ def build_optimizer(cfg: dict, groups: list[dict], lr: float) -> torch.optim.Opt
         ) from exc
     except ValueError as exc:  # torch.optim's own range checks (weight_decay=-1, betas=[0.9,1.5], ...)
         raise TlexpError(f"optim._target_={cfg['_target_']} refuses these settings: {exc}") from exc
+    _check_eps_in_float16(optimizer, cfg["_target_"])
+    return optimizer
+
+
+def _check_eps_in_float16(optimizer: torch.optim.Optimizer, target: str) -> None:
+    """float16 weights (trainer.precision=16-true) keep the optimizer's state in float16 too, where Adam's eps=1e-8
+    is 0: a weight whose gradient is 0 (or tiny) gets 0/0 or x/0 at the first step, and the run goes on in nan."""
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if isinstance(eps, float) and any(p.dtype == torch.float16 for p in group["params"]) and torch.tensor(eps, dtype=torch.float16) == 0:
+            raise TlexpError(
+                f"optim._target_={target} with eps={eps:g} on float16 weights (trainer.precision=16-true): eps is 0 in float16 "
+                "and the first step turns weights into nan; use trainer.precision=16-mixed or bf16-true, or set +optim.eps=1e-4"
+            )
 
 
 def check_optimizer(cfg: dict) -> None:
