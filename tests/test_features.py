@@ -217,6 +217,22 @@ def test_an_image_edited_in_place_is_a_new_cache_entry(tmp_path, tiny_tree):
     assert image.stat().st_size == stat.st_size and samples_digest([Sample(image, 0)]) != before
 
 
+def test_a_file_name_that_is_not_utf8_has_a_cache_key(tiny_tree):
+    """caf\\xe9.jpg (Latin-1 bytes): was a UnicodeEncodeError traceback at the first epoch of a cached (perf=fast) run."""
+    import os
+
+    from tlexp.data.files import Sample
+    from tlexp.features.builder import samples_digest
+
+    keys = set()
+    for name in (b"caf\xe9.jpg", b"caf\xe8.jpg"):
+        path = os.fsencode(tiny_tree / "red") + b"/" + name
+        os.rename(tiny_tree / "red" / "img_000.jpg", path)
+        keys.add(samples_digest([Sample(tiny_tree / "red" / os.fsdecode(name), 0)]))
+        os.rename(path, tiny_tree / "red" / "img_000.jpg")
+    assert len(keys) == 2  # hashed by its bytes: two names, two keys
+
+
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
 def test_an_augmentation_policy_reaches_cached_views_and_image_epochs(tmp_path, tiny_tree, policy):
     """Issue 17: data.augment.policy, a config key for both training paths; each policy its own cached views."""

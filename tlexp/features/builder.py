@@ -145,5 +145,6 @@ def samples_digest(samples) -> str:
     digest = hashlib.sha256()
     with ThreadPoolExecutor(2) as pool:
         for s, content in zip(samples, pool.map(file_digest, (s.path for s in samples))):
-            digest.update(f"{s.path}\0{s.label}\0{content}\n".encode())
+            # surrogateescape: a file name that is not valid UTF-8 (caf\xe9.jpg) is hashed by its bytes
+            digest.update(f"{s.path}\0{s.label}\0{content}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
