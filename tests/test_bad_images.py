@@ -231,3 +231,18 @@ def test_verdicts_that_cannot_be_saved_are_a_warning_not_a_crash(tmp_path, caplo
     bad = find_unreadable(sorted(folder.iterdir()), verdicts, threads=1)
     assert sorted(p.name for p in bad) == sorted(BAD)
     assert "could not save the image checks" in caplog.text and "data.image_checks" in caplog.text
+
+
+def test_broken_symbolic_links_are_reported_not_left_out(tmp_path):
+    """A link whose target moved (a drive not mounted): was left out silently, an image or a whole class fewer."""
+    from tlexp.data.files import image_files, list_classes
+    from tlexp.errors import TlexpError
+
+    tree = make_image_tree(tmp_path / "images", {"red": 2, "green": 2})
+    (tree / "red" / "gone.jpg").symlink_to(tmp_path / "elsewhere" / "gone.jpg")
+    listed = image_files(tree / "red")
+    assert tree / "red" / "gone.jpg" in listed
+    assert find_unreadable(listed, None, threads=1) == {tree / "red" / "gone.jpg": f"broken symbolic link to {tmp_path / 'elsewhere' / 'gone.jpg'}"}
+    (tree / "blue").symlink_to(tmp_path / "unmounted" / "blue")
+    with pytest.raises(TlexpError, match=r"broken symbolic link\(s\) under .*: blue -> .*unmounted/blue\. Point them"):
+        list_classes(tree)

@@ -90,6 +90,15 @@ def test_a_folder_is_listed_as_training_lists_a_class(tmp_path):
     assert [p.relative_to(tree).as_posix() for p in list_images(str(tree))] == ["a/img_000.jpg", "linked/img_000.jpg", "sub/deeper/img_000.jpg"]
 
 
+def test_a_broken_link_is_listed_for_its_row_in_the_csv(tmp_path):
+    """Was: left out of a folder's or a glob's list silently, so the CSV did not account for it."""
+    tree = make_image_tree(tmp_path / "photos", {"a": 1})
+    (tree / "a" / "gone.jpg").symlink_to(tmp_path / "moved.jpg")
+    expected = [tree / "a" / "gone.jpg", tree / "a" / "img_000.jpg"]
+    assert list_images(str(tree)) == list_images(f"{tree}/a/*.jpg") == expected
+    assert list_images(str(tree / "a" / "gone.jpg")) == expected[:1]
+
+
 def test_the_table_tells_images_of_one_name_apart(tmp_path, capsys):
     """Was: both rows named img_000.jpg, so which prediction was whose could not be told."""
     files = [tmp_path / "green" / "img_000.jpg", tmp_path / "red" / "img_000.jpg"]

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from tlexp.config import check_predict_config
 from tlexp.data.datamodule import ImageListDataset
-from tlexp.data.files import IMAGE_EXTENSIONS, Sample, image_files
+from tlexp.data.files import Sample, image_files, is_image_file
 from tlexp.data.images import bad_image_policy
 from tlexp.data.transforms import Preprocessing, eval_transform
 from tlexp.errors import TlexpError
@@ -71,7 +71,7 @@ def list_images(spec: str) -> list[Path]:
         files = image_files(path)
     else:
         candidates = (Path(p) for p in glob.glob(str(path), recursive=True))
-        files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        files = sorted(p for p in candidates if is_image_file(p))
     if not files:
         raise TlexpError(f"images={spec}: no image files found (give a file, a folder or a quoted glob like 'photos/*.jpg')")
     return files

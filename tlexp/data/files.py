@@ -29,6 +29,12 @@ class Sample:
     label: int
 
 
+def is_image_file(path: Path) -> bool:
+    """An image's name, not hidden, and a file or a broken symbolic link: the decode check reports a broken link
+    (a target moved, a drive not mounted) instead of it being left out silently."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or not path.exists())
+
+
 def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder``, hidden ones left out; symlinked sub-folders are followed (each real folder once)."""
     found, seen = [], set()
@@ -37,12 +43,16 @@ def image_files(folder: Path) -> list[Path]:
         dirnames[:] = [] if real in seen else [d for d in dirnames if not d.startswith(".")]
         if real not in seen:
             seen.add(real)
-            found += [Path(dirpath) / f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(p for p in found if p.is_file())
+            found += [Path(dirpath) / f for f in filenames]
+    return sorted(p for p in found if is_image_file(p))
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    entries = [d for d in root.iterdir() if not d.name.startswith(".")]
+    if broken := [d for d in entries if d.is_symlink() and not d.exists()]:  # a class left out silently otherwise
+        links = ", ".join(f"{d.name} -> {os.readlink(d)}" for d in sorted(broken))
+        raise TlexpError(f"broken symbolic link(s) under {root}: {links}. Point them at their folders again, or remove them")
+    return sorted(d for d in entries if d.is_dir())
 
 
 def check_root(root: Path, hint: str) -> None:

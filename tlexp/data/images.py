@@ -68,6 +68,8 @@ def _to_8_bit(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:
 
 def decode_error(path: Path) -> str | None:
     """Why ``path`` is not a usable image, or None when it decodes."""
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link to {os.readlink(path)}"
     try:
         load_rgb(path)
     except Exception as exc:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
@@ -82,7 +84,7 @@ def find_unreadable(paths: list[Path], verdicts_file: Path | None, threads: int)
     does, under a lock next to ``verdicts_file``, and the others read its verdicts.
     """
     with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL on large buffers too
-        stamps = dict(zip(paths, pool.map(file_digest, paths)))
+        stamps = dict(zip(paths, pool.map(_stamp, paths)))
     with ExitStack() as alone:
         if verdicts_file is not None:
             try:
@@ -92,7 +94,7 @@ def find_unreadable(paths: list[Path], verdicts_file: Path | None, threads: int)
             except OSError:  # no lock in a read-only folder: every job checks for itself, as verdicts there allow
                 pass
         known = _load(verdicts_file)
-        todo = [p for p in paths if known.get(str(p), {}).get("stamp") != stamps[p]]
+        todo = [p for p in paths if stamps[p] is None or known.get(str(p), {}).get("stamp") != stamps[p]]
         if todo:
             start = time.perf_counter()
             with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -101,6 +103,14 @@ def find_unreadable(paths: list[Path], verdicts_file: Path | None, threads: int)
             log.info("decoded %d new or changed images in %.1f s to check them", len(todo), time.perf_counter() - start)
             _save(verdicts_file, known)
     return {p: known[str(p)]["error"] for p in paths if known[str(p)]["error"] is not None}
+
+
+def _stamp(path: Path) -> str | None:
+    """The file's content digest; None when it cannot be read (a broken link): decoding says why."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
 
 
 def bad_image_policy(paths: list[Path], policy: str, option: str, verdicts_file: Path | None, threads: int, root: Path | None = None) -> dict[Path, str]:
