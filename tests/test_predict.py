@@ -165,6 +165,17 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
     assert result.returncode == 2 and "not a readable tlexp checkpoint" in result.stderr
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_its_model(trained_run, tmp_path):
+    """Hyper-parameters naming another class count than the weights have (an edited file): was a load_state_dict traceback."""
+    _, run = trained_run
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["class_names"] = ["a", "b"]
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    result = predict_cli(f"ckpt={tmp_path / 'edited.ckpt'}", f"images={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"ckpt={tmp_path / 'edited.ckpt'}: its weights do not fit the model it describes (" in result.stderr and ", 2 classes): " in result.stderr
+
+
 def test_a_folder_whose_only_image_is_bad(trained_run, tmp_path):
     _, run = trained_run
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")

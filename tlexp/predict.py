@@ -12,6 +12,7 @@ import glob
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,7 +58,14 @@ def load_model(path: str, channels_last: bool | None = None) -> Served:
     # weights=None: the architecture only; every weight comes from the checkpoint.
     layout = hparams.get("channels_last", False) if channels_last is None else channels_last
     module = TransferModule(**{**hparams, "model": {**hparams["model"], "weights": None}, "channels_last": layout})
-    module.load_state_dict(state)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:  # weights of another backbone or class count than its hyper_parameters say (an edited file)
+        model = hparams["model"]
+        raise TlexpError(
+            f"ckpt={path}: its weights do not fit the model it describes ({model.get('source')} {model.get('name')}, "
+            f"{len(hparams['class_names'])} classes): {textwrap.shorten(str(exc), 300)} Use the best.ckpt tlexp-train wrote, unedited"
+        ) from exc
     pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["preprocessing"].items()})
     return Served(module.eval(), pre, checkpoint.get("precision", "32-true"))
 
