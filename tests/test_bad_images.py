@@ -246,3 +246,21 @@ def test_broken_symbolic_links_are_reported_not_left_out(tmp_path):
     (tree / "blue").symlink_to(tmp_path / "unmounted" / "blue")
     with pytest.raises(TlexpError, match=r"broken symbolic link\(s\) under .*: blue -> .*unmounted/blue\. Point them"):
         list_classes(tree)
+
+
+def test_a_class_folder_linked_to_another_class_is_refused(tmp_path):
+    """Was: its files trained with two labels, and one copy could land in train and the other in test."""
+    from tlexp.data.files import list_classes
+    from tlexp.errors import TlexpError
+
+    tree = make_image_tree(tmp_path / "images", {"red": 2, "green": 2})
+    (tree / "also_red").symlink_to(tree / "red")
+    with pytest.raises(TlexpError, match=r"2 image file\(s\) under .* are in two class folders through symbolic links \(also_red/img_000.jpg = red/img_000.jpg"):
+        list_classes(tree)
+    (tree / "also_red").unlink()
+    (tree / "green" / "red_too").symlink_to(tree / "red")  # a link into another class, one level down
+    with pytest.raises(TlexpError, match=r"green/red_too/img_000.jpg = red/img_000.jpg"):
+        list_classes(tree)
+    (tree / "green" / "red_too").unlink()
+    (tree / "red" / "again.jpg").symlink_to(tree / "red" / "img_000.jpg")  # within one class: one label, still used
+    assert len(list_classes(tree)["red"]) == 3

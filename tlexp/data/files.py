@@ -72,7 +72,25 @@ def list_classes(root: Path) -> dict[str, list[Path]]:
         raise TlexpError(f"class folder(s) with no images under {root}: {', '.join(empty)}. Add images or remove the folder(s)")
     if len(classes) < 2:
         raise TlexpError(f"{root} has a single class ({next(iter(classes))}); a classifier needs at least two")
+    _refuse_files_in_two_classes(root, classes)
     return classes
+
+
+def _refuse_files_in_two_classes(root: Path, classes: dict[str, list[Path]]) -> None:
+    """A class folder linked to (or into) another class would give its files two labels, in train and test alike."""
+    owner: dict[str, Path] = {}
+    shared = []
+    for files in classes.values():
+        for path in files:
+            first = owner.setdefault(os.path.realpath(path), path)
+            if first.relative_to(root).parts[0] != path.relative_to(root).parts[0]:
+                shared.append((first, path))
+    if shared:
+        pairs = ", ".join(f"{a.relative_to(root)} = {b.relative_to(root)}" for a, b in shared[:5])
+        raise TlexpError(
+            f"{len(shared)} image file(s) under {root} are in two class folders through symbolic links ({pairs}"
+            f"{', ...' if len(shared) > 5 else ''}): each would be trained with two labels. Remove the links that put a file in a second class"
+        )
 
 
 def _rank_key(seed: int, root: Path, path: Path) -> str:
