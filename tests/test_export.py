@@ -175,7 +175,7 @@ def test_an_export_that_fails_its_check_leaves_out_as_it_was(trained_run, tmp_pa
     assert not (tmp_path / "new").exists()
 
 
-def test_only_as_many_images_as_the_check_uses_are_decoded(tmp_path, monkeypatch):
+def test_only_as_many_images_as_the_check_uses_are_decoded(tmp_path, monkeypatch, caplog):
     """Was: every file of images= decoded before the first verify_images were taken (slow on a folder of thousands)."""
     from PIL import Image
 
@@ -194,3 +194,4 @@ def test_only_as_many_images_as_the_check_uses_are_decoded(tmp_path, monkeypatch
     good, bad = _decoding(files, 4)
     assert good == [files[0], *files[3:6]] and sorted(bad) == files[1:3]
     assert checked == files[:8]  # two batches of 4: the second makes up for the two bad files
+    assert "skipping 2 file(s) that do not decode as images (left out)" in caplog.text  # was: (images=skip), no such setting

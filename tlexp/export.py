@@ -61,7 +61,7 @@ def _decoding(files: list[Path], wanted: int) -> tuple[list[Path], dict[Path, st
     good, bad = [], {}
     for start in range(0, len(files), wanted):
         batch = files[start:start + wanted]
-        bad |= bad_image_policy(batch, "skip", "images", None, torch.get_num_threads())
+        bad |= bad_image_policy(batch, "skip", None, None, torch.get_num_threads())
         good += [f for f in batch if f not in bad]
         if len(good) >= wanted:
             break

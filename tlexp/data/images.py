@@ -113,11 +113,13 @@ def _stamp(path: Path) -> str | None:
         return None
 
 
-def bad_image_policy(paths: list[Path], policy: str, option: str, verdicts_file: Path | None, threads: int, root: Path | None = None) -> dict[Path, str]:
+def bad_image_policy(
+    paths: list[Path], policy: str, option: str | None, verdicts_file: Path | None, threads: int, root: Path | None = None
+) -> dict[Path, str]:
     """The files that do not decode, handled as ``policy`` says: ``error`` raises, ``skip`` logs them once.
 
     Returns them (empty when all decode) for the caller to leave out; ``option`` names the config
-    key in the messages, ``root`` shortens the listed paths.
+    key in the messages (None where no setting chooses: tlexp-export), ``root`` shortens the listed paths.
     """
     bad = find_unreadable(paths, verdicts_file, threads)
     if not bad:
@@ -126,7 +128,7 @@ def bad_image_policy(paths: list[Path], policy: str, option: str, verdicts_file:
     where = f" under {root}" if root else ""
     if policy == "error":
         raise TlexpError(f"{len(bad)} file(s){where} do not decode as images:\n{listing}\nFix or remove them, or set {option}=skip")
-    log.warning("skipping %d file(s) that do not decode as images (%s=skip):\n%s", len(bad), option, listing)
+    log.warning("skipping %d file(s) that do not decode as images (%s):\n%s", len(bad), f"{option}=skip" if option else "left out", listing)
     return bad
 
 
