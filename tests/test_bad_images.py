@@ -264,3 +264,19 @@ def test_a_class_folder_linked_to_another_class_is_refused(tmp_path):
     (tree / "green" / "red_too").unlink()
     (tree / "red" / "again.jpg").symlink_to(tree / "red" / "img_000.jpg")  # within one class: one label, still used
     assert len(list_classes(tree)["red"]) == 3
+
+
+def test_files_that_are_not_images_by_their_extension_are_named(tmp_path, caplog):
+    """.jfif, .heic, ...: were left out silently, and a class of only those was 'no images' without saying why."""
+    from tlexp.data.files import list_classes
+    from tlexp.errors import TlexpError
+
+    tree = make_image_tree(tmp_path / "images", {"red": 2, "green": 2})
+    (tree / "red" / "photo.jfif").write_bytes(_jpeg_bytes())
+    assert [p.name for p in list_classes(tree)["red"]] == ["img_000.jpg", "img_001.jpg"]
+    assert "1 file(s) not read (.jfif: 1): tlexp reads .bmp, .gif, .jpeg, .jpg" in caplog.text
+    (tree / "blue").mkdir()
+    (tree / "blue" / "IMG_1.HEIC").write_bytes(b"")
+    (tree / "blue" / "IMG_2.heic").write_bytes(b"")
+    with pytest.raises(TlexpError, match=r"no images under .*: blue \(2 file\(s\) not read \(\.heic: 2\): tlexp reads"):
+        list_classes(tree)

@@ -19,6 +19,7 @@ from tests.conftest import (
     run_module,
     train,
 )
+from tlexp.errors import TlexpError
 from tlexp.predict import list_images, load_model, precision_context, print_table
 
 
@@ -97,6 +98,14 @@ def test_a_broken_link_is_listed_for_its_row_in_the_csv(tmp_path):
     expected = [tree / "a" / "gone.jpg", tree / "a" / "img_000.jpg"]
     assert list_images(str(tree)) == list_images(f"{tree}/a/*.jpg") == expected
     assert list_images(str(tree / "a" / "gone.jpg")) == expected[:1]
+
+
+def test_a_folder_of_files_tlexp_does_not_read_says_which(tmp_path):
+    """Was: 'no image files found' for a folder of .heic photos, without saying what was found instead."""
+    (tmp_path / "IMG_1.HEIC").write_bytes(b"")
+    for spec in (str(tmp_path), f"{tmp_path}/*"):
+        with pytest.raises(TlexpError, match=r"no image files found: 1 file\(s\) not read \(\.heic: 1\): tlexp reads \.bmp"):
+            list_images(spec)
 
 
 def test_the_table_tells_images_of_one_name_apart(tmp_path, capsys):

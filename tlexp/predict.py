@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from tlexp.config import check_predict_config
 from tlexp.data.datamodule import ImageListDataset
-from tlexp.data.files import Sample, image_files, is_image_file
+from tlexp.data.files import IMAGE_EXTENSIONS, Sample, is_image_file, listing, not_images
 from tlexp.data.images import bad_image_policy
 from tlexp.data.transforms import Preprocessing, eval_transform
 from tlexp.errors import TlexpError
@@ -76,12 +77,17 @@ def list_images(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = image_files(path)
+        files, others = listing(path)
     else:
-        candidates = (Path(p) for p in glob.glob(str(path), recursive=True))
+        candidates = [Path(p) for p in glob.glob(str(path), recursive=True)]
         files = sorted(p for p in candidates if is_image_file(p))
+        others = Counter(p.suffix.lower() or "(no extension)" for p in candidates
+                         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_EXTENSIONS)
     if not files:
-        raise TlexpError(f"images={spec}: no image files found (give a file, a folder or a quoted glob like 'photos/*.jpg')")
+        found = f": {not_images(others)}" if others else " (give a file, a folder or a quoted glob like 'photos/*.jpg')"
+        raise TlexpError(f"images={spec}: no image files found{found}")
+    if others:
+        log.warning("images=%s: %s", spec, not_images(others))
     return files
 
 

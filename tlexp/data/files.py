@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +38,26 @@ def is_image_file(path: Path) -> bool:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder``, hidden ones left out; symlinked sub-folders are followed (each real folder once)."""
+    return listing(folder)[0]
+
+
+def listing(folder: Path) -> tuple[list[Path], Counter[str]]:
+    """``image_files(folder)``, and the other files there (not hidden) by extension: they are named, not lost silently."""
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         dirnames[:] = [] if real in seen else [d for d in dirnames if not d.startswith(".")]
         if real not in seen:
             seen.add(real)
-            found += [Path(dirpath) / f for f in filenames]
-    return sorted(p for p in found if is_image_file(p))
+            found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+    images = sorted(p for p in found if is_image_file(p))
+    return images, Counter(p.suffix.lower() or "(no extension)" for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS)
+
+
+def not_images(others: Counter[str]) -> str:
+    """'3 file(s) not read (.heic: 2, .txt: 1): tlexp reads .bmp, ...', for messages about ``listing``'s others."""
+    kinds = ", ".join(f"{ext}: {n}" for ext, n in others.most_common())
+    return f"{sum(others.values())} file(s) not read ({kinds}): tlexp reads {', '.join(sorted(IMAGE_EXTENSIONS))}"
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -64,12 +77,18 @@ def check_root(root: Path, hint: str) -> None:
 
 def list_classes(root: Path) -> dict[str, list[Path]]:
     """Class name → its image files; errors for a tree that cannot make a classifier."""
-    classes = {d.name: image_files(d) for d in _class_dirs(root)}
+    listed = {d.name: listing(d) for d in _class_dirs(root)}
+    classes = {name: images for name, (images, _) in listed.items()}
     if not classes:
         raise TlexpError(f"{root} has no class sub-folders: expected {root}/<class name>/<images>")
+    others = sum((o for _, o in listed.values()), Counter())
     empty = [name for name, files in classes.items() if not files]
     if empty:
-        raise TlexpError(f"class folder(s) with no images under {root}: {', '.join(empty)}. Add images or remove the folder(s)")
+        not_read = sum((listed[name][1] for name in empty), Counter())
+        note = f" ({not_images(not_read)})" if not_read else ""
+        raise TlexpError(f"class folder(s) with no images under {root}: {', '.join(empty)}{note}. Add images or remove the folder(s)")
+    if others:
+        log.warning("class folders under %s: %s", root, not_images(others))
     if len(classes) < 2:
         raise TlexpError(f"{root} has a single class ({next(iter(classes))}); a classifier needs at least two")
     _refuse_files_in_two_classes(root, classes)
