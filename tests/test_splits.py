@@ -170,3 +170,13 @@ def test_a_class_too_small_for_val_and_test_is_named_and_not_scored(tmp_path, ca
     run = tmp_path / "run"
     train(run, root, "model=resnet18", "strategy=frozen")
     assert read_metrics(run)["test_recall_per_class"]["tiny"] is None
+
+
+def test_a_presplit_class_left_without_readable_images_is_named_with_its_subset(tmp_path):
+    """Was: 'bad files: b', with train/b, val/b and test/b to search, and no word on what to do."""
+    for subset in ("train", "val", "test"):
+        make_image_tree(tmp_path / subset, {"a": 3, "b": 3})
+    for image in (tmp_path / "val" / "b").iterdir():
+        image.write_text("not an image")
+    with pytest.raises(TlexpError, match=r"under .* with no readable image left after skipping bad files: val/b\. Add images that decode"):
+        _datamodule(tmp_path).setup()

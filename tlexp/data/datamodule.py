@@ -166,9 +166,12 @@ class ImageDataModule(pl.LightningDataModule):
             return trees
         self.skipped = {str(p.relative_to(self.root)): why for p, why in sorted(bad.items())}
         readable = {t: {c: [p for p in files if p not in bad] for c, files in classes.items()} for t, classes in trees.items()}
-        empty = sorted({c for classes in readable.values() for c, files in classes.items() if not files})
-        if empty:
-            raise TlexpError(f"class folder(s) with no readable image left after skipping bad files: {', '.join(empty)}")
+        empty = [f"{t}/{c}" if t else c for t, classes in readable.items() for c, files in classes.items() if not files]
+        if empty:  # a pre-split tree's are named with their subset (val/cat)
+            raise TlexpError(
+                f"class folder(s) under {self.root} with no readable image left after skipping bad files: {', '.join(empty)}. "
+                "Add images that decode, or remove the folder(s)"
+            )
         return readable
 
     @property
