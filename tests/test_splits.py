@@ -180,3 +180,11 @@ def test_a_presplit_class_left_without_readable_images_is_named_with_its_subset(
         image.write_text("not an image")
     with pytest.raises(TlexpError, match=r"under .* with no readable image left after skipping bad files: val/b\. Add images that decode"):
         _datamodule(tmp_path).setup()
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_up_front(tmp_path):
+    """ros\\xe9 (Latin-1 bytes): was a UnicodeEncodeError from TensorBoard after the first epoch had been trained."""
+    root = make_image_tree(tmp_path / "images", {"a": 3, "b": 3})
+    os.rename(root / "b", os.fsencode(root) + b"/ros\xe9")
+    with pytest.raises(TlexpError, match=r"not valid UTF-8: b'ros\\xe9'\. Rename them"):
+        list_classes(root)

@@ -81,6 +81,12 @@ def list_classes(root: Path) -> dict[str, list[Path]]:
     classes = {name: images for name, (images, _) in listed.items()}
     if not classes:
         raise TlexpError(f"{root} has no class sub-folders: expected {root}/<class name>/<images>")
+    if not_utf8 := [name for name in classes if not _is_utf8(name)]:
+        # a class name is logged (TensorBoard tags) and printed as text: was a crash after the first epoch
+        raise TlexpError(
+            f"class folder name(s) under {root} that are not valid UTF-8: {', '.join(repr(os.fsencode(n)) for n in not_utf8)}. "
+            "Rename them, e.g. convmv -f latin1 -t utf8 --notest <folder>"
+        )
     others = sum((o for _, o in listed.values()), Counter())
     empty = [name for name, files in classes.items() if not files]
     if empty:
@@ -93,6 +99,15 @@ def list_classes(root: Path) -> dict[str, list[Path]]:
         raise TlexpError(f"{root} has a single class ({next(iter(classes))}); a classifier needs at least two")
     _refuse_files_in_two_classes(root, classes)
     return classes
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name read from bytes that are not UTF-8 (os.fsdecode keeps them as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _refuse_files_in_two_classes(root: Path, classes: dict[str, list[Path]]) -> None:
