@@ -112,12 +112,17 @@ def _is_utf8(name: str) -> bool:
 
 def _refuse_files_in_two_classes(root: Path, classes: dict[str, list[Path]]) -> None:
     """A class folder linked to (or into) another class would give its files two labels, in train and test alike."""
-    owner: dict[str, Path] = {}
+    owner: dict[str, tuple[str, Path]] = {}  # real path -> the class and the path it was first listed under
     shared = []
-    for files in classes.values():
+    real_dirs: dict[str, str] = {}  # a realpath per folder, not per file: 36 us a file, 46 s for ImageNet's 1.28M
+    for name, files in classes.items():
         for path in files:
-            first = owner.setdefault(os.path.realpath(path), path)
-            if first.relative_to(root).parts[0] != path.relative_to(root).parts[0]:
+            folder, base = os.path.split(path)
+            if folder not in real_dirs:
+                real_dirs[folder] = os.path.realpath(folder)
+            real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dirs[folder], base)
+            first_class, first = owner.setdefault(real, (name, path))
+            if first_class != name:
                 shared.append((first, path))
     if shared:
         pairs = ", ".join(f"{a.relative_to(root)} = {b.relative_to(root)}" for a, b in shared[:5])
