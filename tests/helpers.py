@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal as signal_module
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +51,22 @@ class SignalAtEpochStart(Callback):
                 # a terminal's Ctrl+C reaches Python's default handler, so restore it.
                 signal_module.signal(signal_module.SIGINT, signal_module.default_int_handler)
             os.kill(os.getpid(), self.signum)
+
+
+class SigtermToWorkersAtEpoch(Callback):
+    """SIGTERM the training process and its data-loader workers after the first batch of epoch ``epoch``,
+    as ``kill -TERM -<pgid>`` does (``timeout``, SLURM's ``scancel``, ``docker stop``): each process gets it
+    from outside (a worker signalled by its parent exits quietly; by another process it dies of the signal)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            workers = [str(w.pid) for w in multiprocessing.active_children()]
+            assert workers, "no loader workers to signal"
+            subprocess.run(["kill", "-TERM", str(os.getpid()), *workers], check=True)
+            time.sleep(1)  # they die meanwhile (not joined: joining reaps them, which hides their death from torch)
 
 
 class SigtermAtTest(Callback):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import os
 import shlex
 import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from pytorch_lightning.callbacks import Timer
 
-from tests.conftest import FAST, make_image_tree, read_metrics, run_cli, train
+from tests.conftest import FAST, REPO, _pythonpath, make_image_tree, read_metrics, run_cli, train
 from tlexp.callbacks.reseed import _validation_may_follow
 
 # epochs 0-1 are phase A, 2-3 phase B
@@ -133,6 +136,22 @@ def test_sigterm_stops_cleanly_and_resumes_exactly(tmp_path, tree, uninterrupted
     assert torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2  # at most one epoch lost
     train(broken, tree, *schedule, "resume=true")
     _assert_same_run(broken, uninterrupted("fast", 0))
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_is_an_interruption(tmp_path, tree):
+    """timeout, scancel and docker stop signal every process of the job: the loader workers die at once and torch
+    raises before Lightning stops after the batch. Still exit 143 and status interrupted (was: status failed,
+    `RuntimeError: DataLoader worker (pid N) is killed by signal: Terminated.` and a traceback).
+    A fresh interpreter: torch's SIGCHLD handler, which raises, does not fire in the fork server's children."""
+    run = tmp_path / "run"
+    overrides = (*FAST, f"data.root={tree}", f"hydra.run.dir={run}", *SCHEDULE, "perf=naive", "data.num_workers=2",
+                 "+callbacks.sig._target_=tests.helpers.SigtermToWorkersAtEpoch", "+callbacks.sig.epoch=2")
+    stopped = subprocess.run([sys.executable, "-m", "tlexp.train", *overrides], capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": _pythonpath()}, timeout=600, check=False)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    status = read_metrics(run)
+    assert status["status"] == "interrupted" and "resume=true" in status["error"], status.get("error")
 
 
 def test_sigterm_records_the_whole_resume_command_and_the_resume_says_where_it_resumed(tmp_path, tree):

@@ -170,6 +170,19 @@ def _say_once(exc: BaseException) -> None:
 
 
 @contextmanager
+def sigterm_reached_workers(trainer):
+    """A SIGTERM to the whole process group (``timeout``, ``scancel``, ``docker stop``) also ends the loader
+    workers, and torch raises "DataLoader worker ... killed by signal" before Lightning stops after the batch:
+    once the trainer has received SIGTERM, whatever ends fitting or testing is that stop, not a failure."""
+    try:
+        yield
+    except Exception as exc:
+        if trainer.received_sigterm and not isinstance(exc, SIGTERMException):
+            raise SIGTERMException from exc
+        raise
+
+
+@contextmanager
 def sigterm_stops():
     """Outside Lightning's loops (the speed timing after the test), SIGTERM stops the run as inside them.
 

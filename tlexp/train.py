@@ -76,7 +76,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
         rate.search(trainer, module, data, OmegaConf.to_container(cfg.tune), run_dir)
 
     fit_started = time.perf_counter()  # before: listing and checking images, the model, the LR finder
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    with runs.sigterm_reached_workers(trainer):
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     # Read the history before testing: restoring the best checkpoint also restores callback state.
     fitted, fit_seconds, after_fit = list(history.epochs), history.elapsed(), time.perf_counter()
     device = trainer.strategy.root_device
@@ -84,7 +85,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
         log.warning("no checkpoint was saved (trainer.fast_dev_run?): testing the weights as fitting left them")
-    test = trainer.test(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    with runs.sigterm_reached_workers(trainer):
+        test = trainer.test(module, datamodule=data, ckpt_path=best or None, verbose=False)[0]
     tested = time.perf_counter()
     if trainer.received_sigterm:  # Lightning finishes a test's last batch before it looks: no result then
         raise SIGTERMException
