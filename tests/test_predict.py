@@ -224,3 +224,14 @@ def test_a_file_name_that_is_not_utf8_is_written_to_the_csv_byte_for_byte(traine
     assert result.returncode == 0, result.stderr[-2000:]
     lines = out.read_bytes().splitlines()
     assert len(lines) == 2 and lines[1].startswith(bytes(folder) + b"/caf\xe9.jpg,")
+
+
+@pytest.mark.parametrize("tool", ["predict", "export"])
+def test_help_shows_the_tools_own_settings_not_training_groups(tool):
+    """`tlexp-predict --help` / `tlexp-export --help` (was: "cli is powered by Hydra." and tlexp-train's config groups,
+    model=, data=, experiment=, ..., which these tools do not take)."""
+    result = run_module(f"tlexp.{tool}", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"tlexp-{tool}: "), result.stdout[:200]
+    assert "Configuration groups" not in result.stdout and "experiment:" not in result.stdout
+    assert "ckpt: ???" in result.stdout
