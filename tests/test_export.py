@@ -195,3 +195,14 @@ def test_only_as_many_images_as_the_check_uses_are_decoded(tmp_path, monkeypatch
     assert good == [files[0], *files[3:6]] and sorted(bad) == files[1:3]
     assert checked == files[:8]  # two batches of 4: the second makes up for the two bad files
     assert "skipping 2 file(s) that do not decode as images (left out)" in caplog.text  # was: (images=skip), no such setting
+
+
+def test_each_slow_step_is_announced_before_it_runs(trained_run, tmp_path):
+    """The ONNX export and torch.compile's timing take minutes on a small CPU: a line says which step runs
+    (was: nothing between the decoding line and the three result lines, 2 min on the 2-core machine)."""
+    _, run = trained_run
+    result = run_module("tlexp.export", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"out={tmp_path}", "speed.repeats=2", "speed.runtime=eager")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    steps = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in ("exporting TorchScript", "exporting ONNX", "timing batch 1")]
+    assert steps == sorted(steps) and steps[-1] < next(i for i, line in enumerate(lines) if line.startswith("torchscript: ")), lines

@@ -126,7 +126,9 @@ def _export_into(folder: Path, model: nn.Module, batch: torch.Tensor, cfg: DictC
         reference = model(batch).softmax(dim=1)
     exports, speed = {}, None
     example = batch[:1]
+    # Each step can take minutes on a small CPU, and the exporters' own progress is silenced: say which runs.
     if "torchscript" in cfg.formats:
+        log.info("exporting TorchScript and checking it on %d images", len(batch))
         path = folder / "model.torchscript.pt"
         with torch.no_grad():
             torch.jit.save(torch.jit.trace(model, example), path)
@@ -135,6 +137,7 @@ def _export_into(folder: Path, model: nn.Module, batch: torch.Tensor, cfg: DictC
             diff = (loaded(batch).softmax(dim=1) - reference).abs().max().item()
         exports["torchscript"] = {"file": path.name, "max_abs_prob_diff": diff}
     if "onnx" in cfg.formats:
+        log.info("exporting ONNX and checking it with ONNX Runtime on %d images", len(batch))
         ort = _import_onnxruntime(Path(cfg.paths.data_dir))
         path = folder / "model.onnx"
         batch_dim = torch.export.Dim("batch", min=1, max=1024)
@@ -148,6 +151,8 @@ def _export_into(folder: Path, model: nn.Module, batch: torch.Tensor, cfg: DictC
         logits = session.run(None, {"image": batch.numpy()})[0]
         diff = (torch.from_numpy(logits).softmax(dim=1) - reference).abs().max().item()
         one = example.numpy()
+        log.info("timing batch 1: PyTorch eager, %s, ONNX Runtime%s", cfg.speed.runtime,
+                 " (compiling first takes 20-50 s)" if cfg.speed.runtime == "compile" else "")
         eager_ms = 1e3 * median_seconds(model, example, cfg.speed.warmup, cfg.speed.repeats)
         fast, runtime = inference_runtime(model, (example,), cfg.speed.runtime)
         torch_ms = 1e3 * median_seconds(fast, example, cfg.speed.warmup, cfg.speed.repeats)
