@@ -173,6 +173,16 @@ def test_sigterm_records_the_whole_resume_command_and_the_resume_says_where_it_r
     assert "phase B from epoch 1: backbone modules unfrozen: layer4.1" in log[1] and "phase A" not in log[1]
 
 
+def test_a_resume_does_not_warn_that_its_checkpoint_folder_is_not_empty(tmp_path, tree):
+    """Resuming continues in the run's own checkpoints/, which tlexp keeps to one run: Lightning's
+    `Checkpoint directory ... exists and is not empty.` on every resume was a false alarm (was: printed)."""
+    run = tmp_path / "run"
+    schedule = ("model=resnet18", "strategy=blocks_1")
+    assert train(run, tree, *schedule, *_signal_at("SIGTERM", 1), check=False).returncode == 128 + signal.SIGTERM
+    resumed = train(run, tree, *schedule, "resume=true")
+    assert "exists and is not empty" not in resumed.stderr + resumed.stdout, resumed.stderr[-2000:]
+
+
 @pytest.mark.parametrize("when", ["start", "end"])
 def test_sigterm_during_the_test_or_the_speed_timing_is_an_interruption(tmp_path, tree, when):
     """Issue 15: SIGTERM after fitting (test, then profiling) is exit 143 and status interrupted, never a result."""

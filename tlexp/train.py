@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # "training batches (3) smaller than the logging interval", at every epoch's loaders: tlexp logs the epoch's metrics
 # at each epoch's end, and Lightning counts log_every_n_steps across epochs, so short epochs still get train/loss_step.
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+# A resume continues in the run's own checkpoints/ (tlexp refuses a run dir that holds another run): not a risk to warn of.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # Lightning's banner (GPU/TPU available, tips, checkpoint restore notices): the run summary says what matters.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
