@@ -178,6 +178,8 @@ def sigterm_reached_workers(trainer):
         yield
     except Exception as exc:
         if trainer.received_sigterm and not isinstance(exc, SIGTERMException):
+            # torch's SIGCHLD handler raises again as each other worker dies, wherever the run then is (writing its record)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             raise SIGTERMException from exc
         raise
 
