@@ -113,6 +113,11 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "profile.repeats=0"], ["profile.repeats must be >= 1, got 0"]),
         (["model=resnet18", "optim=adamw", "optim.weight_decay=-1"], ["optim._target_=torch.optim.AdamW refuses these settings: Invalid weight_decay value: -1"]),
         (["model=resnet18", "model.head.hidden_dim=-5"], ["model.head.hidden_dim must be >= 0, got -5"]),
+        (["model=resnet18", "data.split=0.7"], ["data.split must be three non-negative fractions (train, val, test; train > 0) summing to 1, got 0.7"]),
+        (["model=resnet18", "data.augment.crop_scale=[1.2,0.5]"],
+         ["data.augment.crop_scale must be [low, high], fractions of the image's area with 0 < low <= high <= 1, got [1.2, 0.5]"]),
+        (["model=resnet18", "data.augment.rotation=-10", "data.augment.shear=abc"],
+         ["data.augment.rotation must be >= 0.0, got -10", "data.augment.shear must be a number, got 'abc'"]),
         (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )

@@ -43,6 +43,8 @@ NUMERIC = {
     "tune.num_training": (INT, 2, None, False),
     "dashboard.misclassified_images": (INT, 0, None, False),
     "callbacks.ema.decay": (NUMBER, 0.0, 1.0, True),  # callbacks=ema only
+    "data.augment.rotation": (NUMBER, 0.0, None, False),  # degrees either way
+    "data.augment.shear": (NUMBER, 0.0, 90.0, False),
     "data.augment.mixup_alpha": (NUMBER, 0.0, None, True),
     "data.augment.cutmix_alpha": (NUMBER, 0.0, None, True),
     "loss.label_smoothing": (NUMBER, 0.0, 1.0, True),  # loss=ce only
@@ -83,9 +85,38 @@ def check_config(cfg) -> None:
         for key, choices in CHOICES.items()
         if OmegaConf.select(cfg, key) not in choices
     ]
+    problems += _list_problems(cfg)
     problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
+
+
+def _numbers(value) -> list | None:
+    """A list of finite numbers (booleans are not), else None."""
+    if not OmegaConf.is_list(value):
+        return None
+    value = list(value)
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    return value if ok else None
+
+
+def _list_problems(cfg) -> list[str]:
+    """Lists read only once the images are listed (data.split) or the first batch is drawn (crop_scale),
+    where a wrong one ended in a traceback from torchvision or Python."""
+    problems = []
+    value = OmegaConf.select(cfg, "data.split")
+    split = _numbers(value)
+    if split is None or len(split) != 3 or min(split) < 0 or split[0] == 0 or abs(sum(split) - 1) > 1e-6:
+        problems.append(f"data.split must be three non-negative fractions (train, val, test; train > 0) summing to 1, got {_shown(value)}")
+    value = OmegaConf.select(cfg, "data.augment.crop_scale")
+    scale = _numbers(value)
+    if scale is None or len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        problems.append(f"data.augment.crop_scale must be [low, high], fractions of the image's area with 0 < low <= high <= 1, got {_shown(value)}")
+    return problems
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else str(value)
 
 
 def _optimizer_problems(cfg) -> list[str]:
