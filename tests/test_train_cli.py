@@ -118,6 +118,10 @@ def _assert_clean_failure(result, *fragments):
          ["data.augment.crop_scale must be [low, high], fractions of the image's area with 0 < low <= high <= 1, got [1.2, 0.5]"]),
         (["model=resnet18", "data.augment.rotation=-10", "data.augment.shear=abc"],
          ["data.augment.rotation must be >= 0.0, got -10", "data.augment.shear must be a number, got 'abc'"]),
+        (["model=resnet18", "callbacks=ema", "callbacks.ema.decay=null", "loss.label_smoothing=null", "data.augment.mixup_alpha=null"],
+         ["callbacks.ema.decay must be a number, got null", "loss.label_smoothing must be a number, got null",
+          "data.augment.mixup_alpha must be a number, got null"]),
+        (["model=resnet18", "loss=focal", "loss.gamma=null"], ["loss.gamma must be a number, got null"]),
         (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )

@@ -18,7 +18,8 @@ from tlexp.speed.timing import RUNTIMES
 
 INT, NUMBER = "an integer", "a number"
 
-# key -> (type, lowest allowed, highest allowed (exclusive for dropout), may be null)
+# key -> (type, lowest allowed, highest allowed (exclusive), may be null). A key that only some config
+# groups have (callbacks=ema, loss=ce / focal) is checked where it is there: absent is not null.
 NUMERIC = {
     "seed": (INT, 0, 2**32, False),
     "data.split_seed": (INT, 0, 2**32, True),
@@ -42,13 +43,13 @@ NUMERIC = {
     "tune.max_lr": (NUMBER, 1e-12, None, False),
     "tune.num_training": (INT, 2, None, False),
     "dashboard.misclassified_images": (INT, 0, None, False),
-    "callbacks.ema.decay": (NUMBER, 0.0, 1.0, True),  # callbacks=ema only
+    "callbacks.ema.decay": (NUMBER, 0.0, 1.0, False),  # callbacks=ema only
     "data.augment.rotation": (NUMBER, 0.0, None, False),  # degrees either way
     "data.augment.shear": (NUMBER, 0.0, 90.0, False),
-    "data.augment.mixup_alpha": (NUMBER, 0.0, None, True),
-    "data.augment.cutmix_alpha": (NUMBER, 0.0, None, True),
-    "loss.label_smoothing": (NUMBER, 0.0, 1.0, True),  # loss=ce only
-    "loss.gamma": (NUMBER, 0.0, None, True),  # loss=focal only
+    "data.augment.mixup_alpha": (NUMBER, 0.0, None, False),  # 0: off
+    "data.augment.cutmix_alpha": (NUMBER, 0.0, None, False),
+    "loss.label_smoothing": (NUMBER, 0.0, 1.0, False),  # loss=ce only
+    "loss.gamma": (NUMBER, 0.0, None, False),  # loss=focal only
     "profile.batch_size": (INT, 1, None, False),
     "profile.warmup": (INT, 0, None, False),
     "profile.repeats": (INT, 1, None, False),
@@ -60,7 +61,12 @@ CHOICES = {
 }
 
 
+_ABSENT = object()
+
+
 def _numeric_problem(key: str, value, kind: str, low, high, nullable: bool) -> str | None:
+    if value is _ABSENT:
+        return None
     if value is None:
         return None if nullable else f"{key} must be {kind}, got null"
     is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -78,7 +84,7 @@ def _numeric_problem(key: str, value, kind: str, low, high, nullable: bool) -> s
 def check_config(cfg) -> None:
     problems = [
         p for key, rule in NUMERIC.items()
-        if (p := _numeric_problem(key, OmegaConf.select(cfg, key), *rule)) is not None
+        if (p := _numeric_problem(key, OmegaConf.select(cfg, key, default=_ABSENT), *rule)) is not None
     ]
     problems += [
         f"{key} must be one of {', '.join(str(c).lower() for c in choices)}, got {OmegaConf.select(cfg, key)}"
@@ -205,7 +211,7 @@ PREDICT_CHOICES = {"on_bad_image": ("skip", "error"), "precision": ("auto", "32-
 def _tool_problems(cfg, numeric: dict, choices: dict) -> list[str]:
     problems = [
         p for key, rule in numeric.items()
-        if (p := _numeric_problem(key, OmegaConf.select(cfg, key), *rule)) is not None
+        if (p := _numeric_problem(key, OmegaConf.select(cfg, key, default=_ABSENT), *rule)) is not None
     ]
     return problems + [
         f"{key} must be one of {', '.join(allowed)}, got {OmegaConf.select(cfg, key)}"
