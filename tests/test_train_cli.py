@@ -122,6 +122,9 @@ def _assert_clean_failure(result, *fragments):
          ["callbacks.ema.decay must be a number, got null", "loss.label_smoothing must be a number, got null",
           "data.augment.mixup_alpha must be a number, got null"]),
         (["model=resnet18", "loss=focal", "loss.gamma=null"], ["loss.gamma must be a number, got null"]),
+        (["model=resnet18", "tune.use_suggestion=true"],
+         ["tune.use_suggestion=true trains at the LR finder's suggestion, but tune.lr_find=false runs no finder"]),
+        (["model=resnet18", "tune.lr_find=true", "tune.min_lr=1", "tune.max_lr=1e-3"], ["tune.min_lr=1 must be below tune.max_lr=0.001"]),
         (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )

@@ -92,7 +92,7 @@ def check_config(cfg) -> None:
         if OmegaConf.select(cfg, key) not in choices
     ]
     problems += _list_problems(cfg)
-    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) if not problems else []
+    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) + _tune_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
 
@@ -175,6 +175,17 @@ def _still_phase_b_problems(cfg) -> list[str]:
         return []
     return [(f"strategy={cfg.strategy} unfreezes backbone modules in phase B, but finetune.backbone_lr_factor=0 gives them "
              "learning rate 0: use strategy=frozen for a head-only run, or give finetune.backbone_lr_factor > 0")]
+
+
+def _tune_problems(cfg) -> list[str]:
+    """LR-finder settings that would be ignored, or end minutes later in "too few points for a suggestion"."""
+    tune = cfg.tune
+    if tune.use_suggestion and not tune.lr_find:
+        return [("tune.use_suggestion=true trains at the LR finder's suggestion, but tune.lr_find=false runs no finder: "
+                 "set tune.lr_find=true too, or drop tune.use_suggestion")]
+    if tune.lr_find and tune.min_lr >= tune.max_lr:
+        return [f"tune.min_lr={tune.min_lr} must be below tune.max_lr={tune.max_lr}: the LR finder searches upwards from one to the other"]
+    return []
 
 
 def check_devices(cfg) -> None:
