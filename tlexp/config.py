@@ -92,7 +92,7 @@ def check_config(cfg) -> None:
         if OmegaConf.select(cfg, key) not in choices
     ]
     problems += _list_problems(cfg)
-    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) + _tune_problems(cfg) if not problems else []
+    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) + _tune_problems(cfg) + _warmup_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
 
@@ -175,6 +175,23 @@ def _still_phase_b_problems(cfg) -> list[str]:
         return []
     return [(f"strategy={cfg.strategy} unfreezes backbone modules in phase B, but finetune.backbone_lr_factor=0 gives them "
              "learning rate 0: use strategy=frozen for a head-only run, or give finetune.backbone_lr_factor > 0")]
+
+
+def _warmup_problems(cfg) -> list[str]:
+    """The warm-up is the cosine schedule's first part: alone it is not built, and as long as the run it
+    leaves the rate below optim.lr throughout, never decayed."""
+    warmup, scheduler = cfg.optim.warmup_epochs, cfg.optim.scheduler
+    if not warmup:
+        return []
+    if scheduler != "cosine":
+        return [(f"optim.warmup_epochs={warmup} ramps up into the cosine schedule, but optim.scheduler={scheduler if scheduler else 'null'}: "
+                "set optim.scheduler=cosine, or optim.warmup_epochs=0")]
+    a, b = cfg.finetune.phase_a_epochs, cfg.finetune.phase_b_epochs
+    epochs = cfg.trainer.max_epochs or a + (0 if cfg.strategy == "frozen" else b)
+    if warmup >= epochs:
+        return [(f"optim.warmup_epochs={warmup} is the whole run ({epochs} epochs): the rate would never reach optim.lr nor decay; "
+                f"give optim.warmup_epochs < {epochs}")]
+    return []
 
 
 def _tune_problems(cfg) -> list[str]:
