@@ -64,7 +64,7 @@ def test_record_config_split_and_checkpoint_describe_one_run(finished):
     [("strategy=full", "strategy: 'blocks_2' -> 'full'"), ("seed=7", "seed: 42 -> 7"), ("optim.lr=0.5", "optim.lr: 0.001 -> 0.5"),
      ("callbacks=early_stopping", "callbacks.early_stopping.patience: None -> 5"),
      ("+trainer.limit_train_batches=2", "trainer.limit_train_batches: None -> 2"),
-     ("callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.monitor: 'val/acc' -> 'val/loss'")],
+     ("callbacks.model_checkpoint.monitor=train/acc", "callbacks.model_checkpoint.monitor: 'val/acc' -> 'train/acc'")],
 )
 def test_a_resume_that_changes_a_result_setting_is_refused(tmp_path, tree, finished, override, named):
     run = tmp_path / "run"

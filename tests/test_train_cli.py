@@ -127,6 +127,11 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "tune.lr_find=true", "tune.min_lr=1", "tune.max_lr=1e-3"], ["tune.min_lr=1 must be below tune.max_lr=0.001"]),
         (["model=resnet18", "optim.warmup_epochs=1"], ["optim.warmup_epochs=1 ramps up into the cosine schedule, but optim.scheduler=null"]),
         (["model=resnet18", "optim.scheduler=cosine", "optim.warmup_epochs=2"], ["optim.warmup_epochs=2 is the whole run (2 epochs)"]),
+        (["model=resnet18", "callbacks=early_stopping", "callbacks.early_stopping.monitor=val/accuracy", "callbacks.model_checkpoint.mode=min"],
+         ["callbacks.early_stopping.monitor=val/accuracy: tlexp logs no such metric; monitor one of val/acc, val/loss, train/acc, train/loss",
+          "callbacks.model_checkpoint.mode=min: val/acc is better higher, so give callbacks.model_checkpoint.mode=max"]),
+        (["model=resnet18", "callbacks=early_stopping", "callbacks.early_stopping.patience=abc"],
+         ["callbacks.early_stopping.patience must be an integer, got 'abc'"]),
         (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )

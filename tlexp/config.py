@@ -44,6 +44,7 @@ NUMERIC = {
     "tune.num_training": (INT, 2, None, False),
     "dashboard.misclassified_images": (INT, 0, None, False),
     "callbacks.ema.decay": (NUMBER, 0.0, 1.0, False),  # callbacks=ema only
+    "callbacks.early_stopping.patience": (INT, 0, None, False),  # callbacks=early_stopping only
     "data.augment.rotation": (NUMBER, 0.0, None, False),  # degrees either way
     "data.augment.shear": (NUMBER, 0.0, 90.0, False),
     "data.augment.mixup_alpha": (NUMBER, 0.0, None, False),  # 0: off
@@ -92,7 +93,7 @@ def check_config(cfg) -> None:
         if OmegaConf.select(cfg, key) not in choices
     ]
     problems += _list_problems(cfg)
-    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) + _tune_problems(cfg) + _warmup_problems(cfg) if not problems else []
+    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) + _tune_problems(cfg) + _warmup_problems(cfg) + _monitor_problems(cfg) if not problems else []
     if problems:
         raise TlexpError("; ".join(problems))
 
@@ -175,6 +176,27 @@ def _still_phase_b_problems(cfg) -> list[str]:
         return []
     return [(f"strategy={cfg.strategy} unfreezes backbone modules in phase B, but finetune.backbone_lr_factor=0 gives them "
              "learning rate 0: use strategy=frozen for a head-only run, or give finetune.backbone_lr_factor > 0")]
+
+
+# What a callback may monitor (the epoch metrics tlexp logs) and the mode that makes higher or lower better.
+MONITORED = {"val/acc": "max", "val/loss": "min", "train/acc": "max", "train/loss": "min"}
+
+
+def _monitor_problems(cfg) -> list[str]:
+    """Early stopping or the best checkpoint on a metric never logged fails after the first epoch; on the wrong
+    mode it keeps the worst epoch as best.ckpt, or stops a run that improves."""
+    problems = []
+    for name, callback in (cfg.callbacks or {}).items():
+        monitor = callback.get("monitor") if OmegaConf.is_dict(callback) else None
+        if monitor is None:
+            continue
+        mode = callback.get("mode", "min")  # Lightning's default
+        if monitor not in MONITORED:
+            problems.append(f"callbacks.{name}.monitor={monitor}: tlexp logs no such metric; monitor one of {', '.join(MONITORED)}")
+        elif mode != MONITORED[monitor]:
+            problems.append(f"callbacks.{name}.mode={mode}: {monitor} is better {'higher' if MONITORED[monitor] == 'max' else 'lower'}, "
+                            f"so give callbacks.{name}.mode={MONITORED[monitor]}")
+    return problems
 
 
 def _warmup_problems(cfg) -> list[str]:
