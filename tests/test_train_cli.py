@@ -132,6 +132,8 @@ def _assert_clean_failure(result, *fragments):
           "callbacks.model_checkpoint.mode=min: val/acc is better higher, so give callbacks.model_checkpoint.mode=max"]),
         (["model=resnet18", "callbacks=early_stopping", "callbacks.early_stopping.patience=abc"],
          ["callbacks.early_stopping.patience must be an integer, got 'abc'"]),
+        (["model=resnet18", "perf.feature_cache=off", "data.augment.hflip=no"],
+         ["data.augment.hflip must be one of true, false, got no", "perf.feature_cache must be one of true, false, got off"]),
         (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )

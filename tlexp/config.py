@@ -59,6 +59,11 @@ CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
     "profile.runtime": RUNTIMES, "perf.channels_last": (True, False, "auto"), "perf.mps": (True, False), "optim.scheduler": SCHEDULERS,
     "data.augment.policy": tuple(POLICIES), "model.tta": ("none", "flip"),
+    # Switches: Hydra reads only true / false as booleans, so `off` or `no` is a word, and a word is true.
+    **{key: (True, False) for key in (
+        "data.augment.hflip", "tune.lr_find", "tune.use_suggestion", "profile.enabled", "perf.tune_malloc", "perf.feature_cache",
+        "trainer.sync_batchnorm", "trainer.enable_progress_bar",
+    )},
 }
 
 
