@@ -134,6 +134,9 @@ def _assert_clean_failure(result, *fragments):
          ["callbacks.early_stopping.patience must be an integer, got 'abc'"]),
         (["model=resnet18", "perf.feature_cache=off", "data.augment.hflip=no"],
          ["data.augment.hflip must be one of true, false, got no", "perf.feature_cache must be one of true, false, got off"]),
+        (["model=resnet18", "trainer.precision=64", "trainer.accumulate_grad_batches=0", "trainer.gradient_clip_val=-1"],
+         ["trainer.accumulate_grad_batches must be >= 1, got 0", "trainer.gradient_clip_val must be >= 0.0, got -1",
+          "trainer.precision must be one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 32, 16, bf16, got 64"]),
         (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )

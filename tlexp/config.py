@@ -29,6 +29,8 @@ NUMERIC = {
     "finetune.phase_a_epochs": (INT, 0, None, False),
     "finetune.phase_b_epochs": (INT, 0, None, False),
     "trainer.max_epochs": (INT, 1, None, True),
+    "trainer.accumulate_grad_batches": (INT, 1, None, False),
+    "trainer.gradient_clip_val": (NUMBER, 0.0, None, True),  # Lightning skips a negative one: no clipping
     "data.batch_size": (INT, 1, None, False),
     "data.num_workers": (INT, 0, None, False),
     "data.image_size": (INT, 16, None, True),
@@ -59,6 +61,9 @@ CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
     "profile.runtime": RUNTIMES, "perf.channels_last": (True, False, "auto"), "perf.mps": (True, False), "optim.scheduler": SCHEDULERS,
     "data.augment.policy": tuple(POLICIES), "model.tta": ("none", "flip"),
+    # What tlexp trains in (64-bit: its float32 images would meet float64 weights); accelerators it knows.
+    "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", 32, 16, "bf16"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     # Switches: Hydra reads only true / false as booleans, so `off` or `no` is a word, and a word is true.
     **{key: (True, False) for key in (
         "data.augment.hflip", "tune.lr_find", "tune.use_suggestion", "profile.enabled", "perf.tune_malloc", "perf.feature_cache",
