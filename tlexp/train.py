@@ -25,6 +25,7 @@ from tlexp.callbacks.run_identity import RunIdentity
 from tlexp.config import check_config, check_devices
 from tlexp.data.datamodule import ImageDataModule
 from tlexp.features.cache import FrozenPrefixCache
+from tlexp.model.backbones import check_input_size
 from tlexp.model.finetune import PhasedFinetuning, phase_b_params
 from tlexp.model.module import TransferModule
 from tlexp.model.strategies import parse_strategy
@@ -63,6 +64,7 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     if ckpt_path:
         runs.check_resume_checkpoint(ckpt_path, OmegaConf.to_container(cfg.model, resolve=True), data.class_names)
     module = TransferModule.from_config(cfg, data)
+    check_input_size(module.backbone_spec, module.preprocessing.crop_size)
     finetuning = PhasedFinetuning.from_config(cfg, module)
     units = finetuning.units
     show(phase_table(module.head, module.backbone, units), save_as=run_dir / "model_summary.txt")

@@ -154,3 +154,19 @@ def build_backbone(source: str, name: str, weights) -> Backbone:
     else:
         feature_dim = _strip_torchvision_classifier(model)
     return Backbone(body=model, feature_dim=feature_dim, preprocessing=pre, source=source, name=name)
+
+
+def check_input_size(backbone: Backbone, size: int) -> None:
+    """One blank ``size`` x ``size`` image through the body: a size it cannot take (a ViT's fixed one, VGG's five
+    poolings below 32 px) is said now, not in a traceback from the first batch, after the images were read."""
+    body, was_training = backbone.body, backbone.body.training
+    try:
+        with torch.no_grad():
+            body.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        fixed = getattr(body, "image_size", None) or getattr(getattr(body, "patch_embed", None), "img_size", None)  # torchvision's, timm's ViT
+        fixed = fixed[0] if isinstance(fixed, (tuple, list)) else fixed
+        hint = f"give data.image_size={fixed}" if fixed else "give a larger data.image_size (or null: the weights' own)"
+        raise TlexpError(f"{backbone.name} cannot take {size}x{size} images ({str(exc).splitlines()[0][:200]}): {hint}") from exc
+    finally:
+        body.train(was_training)
