@@ -139,6 +139,10 @@ def _assert_clean_failure(result, *fragments):
           "trainer.precision must be one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 32, 16, bf16, got 64"]),
         (["model=timm", "model.name=vit_tiny_patch16_224", "strategy=frozen"],  # FAST's data.image_size=32
          ["vit_tiny_patch16_224 cannot take 32x32 images (Input height (32) doesn't match model (224).): give data.image_size=224"]),
+        (["model=resnet18", "trainer.accelerator=cpu", "trainer.devices=0"],
+         ["Lightning refuses the trainer settings: `Trainer(devices=0)` value is not a valid input using cpu accelerator"]),
+        (["model=resnet18", "callbacks.lr_monitor.logging_interval=hour"],
+         ["callbacks.lr_monitor: MisconfigurationException: logging_interval should be `step` or `epoch` or `None`."]),
         (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )

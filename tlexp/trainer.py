@@ -8,12 +8,14 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchSyncBatchNorm
 from pytorch_lightning.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from tlexp.callbacks.dashboard import TestDashboard
@@ -33,7 +35,7 @@ PROFILERS = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": 
 def build_trainer(cfg: DictConfig, run_dir: Path, max_epochs: int, finetuning: PhasedFinetuning, *own: Callback) -> pl.Trainer:
     """The phase callback, the run's ``own`` callbacks, the config's, tlexp's standard ones; the frozen-prefix cache if on."""
     callbacks = [
-        *(hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None), finetuning, *own,
+        *(_instantiate("callbacks", name, c) for name, c in cfg.callbacks.items() if c is not None), finetuning, *own,
         ReseedEachEpoch(cfg.seed), TestDashboard(run_dir, cfg.dashboard.misclassified_images),
     ]
     if cfg.trainer.enable_progress_bar:
@@ -52,11 +54,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, max_epochs: int, finetuning: P
             cfg.data.num_workers, cfg.perf.compile_prefix_min_images,
         ))
         args["reload_dataloaders_every_n_epochs"] = 1  # each epoch asks for its phase's cached view
-    trainer = pl.Trainer(
-        default_root_dir=run_dir, callbacks=callbacks,
-        plugins=[AtomicCheckpointIO(), *([SyncBatchNormKeepingActivations()] if args.get("sync_batchnorm") else [])],
-        logger=[hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None], **args,
-    )
+    loggers = [_instantiate("logger", name, c) for name, c in cfg.logger.items() if c is not None]
+    plugins = [AtomicCheckpointIO(), *([SyncBatchNormKeepingActivations()] if args.get("sync_batchnorm") else [])]
+    try:
+        trainer = pl.Trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=plugins, logger=loggers, **args)
+    except (MisconfigurationException, ValueError) as exc:  # trainer.devices=0, trainer.strategy=foo, ...
+        raise TlexpError(f"Lightning refuses the trainer settings: {exc}") from exc
     if trainer.world_size > 1:
         _check_distributed(cfg, trainer)
     return trainer
@@ -86,6 +89,15 @@ class SyncBatchNormKeepingActivations(TorchSyncBatchNorm):
         for name, child in model.named_children():  # its activation and dropout
             plain.add_module(name, self.revert(child))
         return plain
+
+
+def _instantiate(group: str, name: str, node):
+    """A callback or logger Lightning refuses (callbacks.lr_monitor.logging_interval=hour): one line naming it."""
+    try:
+        return hydra.utils.instantiate(node)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        raise TlexpError(f"{group}.{name}: {type(cause).__name__}: {cause}") from exc
 
 
 def _check_distributed(cfg: DictConfig, trainer: pl.Trainer) -> None:
