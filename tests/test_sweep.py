@@ -318,6 +318,16 @@ def test_sort_puts_a_diverged_runs_nan_last(tmp_path):
     assert [r["Validation Loss"] for r in _table_rows(sweep)] == ["0.3", "0.4", "0.5", "0.6", "nan"]
 
 
+def test_descending_without_sort_is_refused(tmp_path, capsys):
+    """--descending alone: exit 2 and one line (was: accepted, rows in folder order)."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    with pytest.raises(SystemExit) as exited:
+        table_main([str(sweep), "--descending"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "tlexp-table: error: --descending orders --sort's key: give --sort <key> too"
+    assert not (sweep / "table.md").exists()
+
+
 def test_best_config_is_the_config_the_best_record_was_computed_with(tmp_path):
     """A job folder whose .hydra/config.yaml changed after it recorded (tlexp-table: a mismatch row): best_config.yaml
     is the record's config (was: the changed file, a config that did not give that accuracy)."""

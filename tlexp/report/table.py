@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(docs/reference_study.csv, percentages) or a sweep's table.csv (fractions)")
     parser.add_argument("--print", action="store_true", dest="show", help="print the table to the terminal")
     args = parser.parse_args(argv)
+    if args.descending and args.sort == "none":  # else the order would silently stay the folders'
+        parser.error("--descending orders --sort's key: give --sort <key> too")
     try:
         reference = read_reference(args.compare) if args.compare else None
         rows = load_rows(args.sweep_dir)
