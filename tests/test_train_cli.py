@@ -137,6 +137,7 @@ def _assert_clean_failure(result, *fragments):
         (["model=resnet18", "trainer.precision=64", "trainer.accumulate_grad_batches=0", "trainer.gradient_clip_val=-1"],
          ["trainer.accumulate_grad_batches must be >= 1, got 0", "trainer.gradient_clip_val must be >= 0.0, got -1",
           "trainer.precision must be one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 32, 16, bf16, got 64"]),
+        (["model=resnet18", "data.image_size=100000"], ["data.image_size must be in [16, 4096), got 100000"]),
         (["model=timm", "model.name=vit_tiny_patch16_224", "strategy=frozen"],  # FAST's data.image_size=32
          ["vit_tiny_patch16_224 cannot take 32x32 images (Input height (32) doesn't match model (224).): give data.image_size=224"]),
         (["model=resnet18", "trainer.accelerator=cpu", "trainer.devices=0"],

@@ -33,7 +33,7 @@ NUMERIC = {
     "trainer.gradient_clip_val": (NUMBER, 0.0, None, True),  # Lightning skips a negative one: no clipping
     "data.batch_size": (INT, 1, None, False),
     "data.num_workers": (INT, 0, None, False),
-    "data.image_size": (INT, 16, None, True),
+    "data.image_size": (INT, 16, 4096, True),  # 4096: 200 MB for one image's float tensor
     "data.limit_per_class": (INT, 1, None, True),
     "model.head.dropout": (NUMBER, 0.0, 1.0, False),
     "model.head.hidden_dim": (INT, 0, None, True),

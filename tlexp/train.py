@@ -64,7 +64,8 @@ def run(cfg: DictConfig, ckpt_path: str | None) -> dict:
     if ckpt_path:
         runs.check_resume_checkpoint(ckpt_path, OmegaConf.to_container(cfg.model, resolve=True), data.class_names)
     module = TransferModule.from_config(cfg, data)
-    check_input_size(module.backbone_spec, module.preprocessing.crop_size)
+    if cfg.data.image_size is not None:  # null: the weights' own size, which the backbone takes
+        check_input_size(module.backbone_spec, module.preprocessing.crop_size)
     finetuning = PhasedFinetuning.from_config(cfg, module)
     units = finetuning.units
     show(phase_table(module.head, module.backbone, units), save_as=run_dir / "model_summary.txt")
