@@ -144,6 +144,8 @@ def _assert_clean_failure(result, *fragments):
          ["Lightning refuses the trainer settings: `Trainer(devices=0)` value is not a valid input using cpu accelerator"]),
         (["model=resnet18", "callbacks.lr_monitor.logging_interval=hour"],
          ["callbacks.lr_monitor: MisconfigurationException: logging_interval should be `step` or `epoch` or `None`."]),
+        (["model=resnet18", "data.kind=tf_flower", "model.source=torchvison"],
+         ["data.kind must be one of imagefolder, tf_flowers, got tf_flower", "model.source must be one of torchvision, timm, got torchvison"]),
         (["model=resnet18", "loss.class_weights=Auto"], ["loss.class_weights=Auto: give auto, null or 3 non-negative numbers"]),
     ],
 )

@@ -61,6 +61,7 @@ CHOICES = {
     "resume": (False, True, "auto"), "data.on_bad_image": ("skip", "error"),
     "profile.runtime": RUNTIMES, "perf.channels_last": (True, False, "auto"), "perf.mps": (True, False), "optim.scheduler": SCHEDULERS,
     "data.augment.policy": tuple(POLICIES), "model.tta": ("none", "flip"),
+    "data.kind": ("imagefolder", "tf_flowers"), "model.source": ("torchvision", "timm"),  # any other kind: an image folder, silently
     # What tlexp trains in (64-bit: its float32 images would meet float64 weights); accelerators it knows.
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", 32, 16, "bf16"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
