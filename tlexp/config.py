@@ -104,7 +104,8 @@ def check_config(cfg) -> None:
         if OmegaConf.select(cfg, key) not in choices
     ]
     problems += _list_problems(cfg)
-    problems += _optimizer_problems(cfg) + _mixing_problems(cfg) + _epoch_problems(cfg) + _still_phase_b_problems(cfg) + _tune_problems(cfg) + _warmup_problems(cfg) + _monitor_problems(cfg) if not problems else []
+    if not problems:  # the checks across keys read values the checks above have vouched for
+        problems = [p for check in CROSS_CHECKS for p in check(cfg)]
     if problems:
         raise TlexpError("; ".join(problems))
 
@@ -236,6 +237,11 @@ def _tune_problems(cfg) -> list[str]:
     if tune.lr_find and tune.min_lr >= tune.max_lr:
         return [f"tune.min_lr={tune.min_lr} must be below tune.max_lr={tune.max_lr}: the LR finder searches upwards from one to the other"]
     return []
+
+
+CROSS_CHECKS = (
+    _optimizer_problems, _mixing_problems, _epoch_problems, _still_phase_b_problems, _tune_problems, _warmup_problems, _monitor_problems,
+)
 
 
 def check_devices(cfg) -> None:
