@@ -145,7 +145,7 @@ def test_bad_input_is_one_clear_error(trained_run, args, message):
         (("device=null",), "device=None: not a device name (auto, cpu, cuda, cuda:1, ...)"),
         (("device=cuda:7",), f"device=cuda:7, but this machine has {torch.cuda.device_count()} CUDA GPU(s): use device=cpu (or auto)"),
         (("top_k=2.5", "batch_size=0", "precision=fp16"),
-         "top_k must be an integer, got 2.5; batch_size must be >= 1, got 0; precision must be one of auto, 32-true, bf16-mixed, 16-mixed, got fp16"),
+         "top_k must be an integer, got 2.5; batch_size must be >= 1, got 0; precision must be one of auto, 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, got fp16"),
     ],
 )
 def test_nonsense_settings_are_refused_before_any_work(tmp_path, args, line):

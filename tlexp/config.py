@@ -214,7 +214,7 @@ def _monitor_problems(cfg) -> list[str]:
 def _warmup_problems(cfg) -> list[str]:
     """The warm-up is the cosine schedule's first part: alone it is not built, and as long as the run it
     leaves the rate below optim.lr throughout, never decayed."""
-    warmup, scheduler = cfg.optim.warmup_epochs, cfg.optim.scheduler
+    warmup, scheduler = OmegaConf.select(cfg, "optim.warmup_epochs", default=0), OmegaConf.select(cfg, "optim.scheduler", default=None)
     if not warmup:
         return []
     if scheduler != "cosine":
@@ -272,7 +272,7 @@ PREDICT_NUMERIC = {
     "num_workers": (INT, 0, None, False),
     "print_limit": (INT, 0, None, False),
 }
-PREDICT_CHOICES = {"on_bad_image": ("skip", "error"), "precision": ("auto", "32-true", "bf16-mixed", "16-mixed")}
+PREDICT_CHOICES = {"on_bad_image": ("skip", "error"), "precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")}
 
 
 def _tool_problems(cfg, numeric: dict, choices: dict) -> list[str]:

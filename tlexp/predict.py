@@ -112,7 +112,7 @@ def precision_context(precision: str, device: torch.device):
     """The forward context Lightning's trainer uses for ``precision`` on ``device`` (autocast for the mixed ones):
     on a CPU, 16-mixed runs as bf16-mixed, as Lightning runs it there and the run's CPU speed figures were timed."""
     if precision not in ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", *TRUE_DTYPES):
-        raise TlexpError(f"precision={precision}: tlexp-predict serves 32-true, bf16-mixed or 16-mixed")
+        raise TlexpError(f"precision={precision}: tlexp-predict serves 32-true, bf16-mixed, 16-mixed, bf16-true or 16-true")
     return timing.precision_context(timing.precision_on(precision, device), device)
 
 
