@@ -263,6 +263,17 @@ def test_early_stopping_config_adds_the_callback(compose_cfg):
     assert cfg.callbacks.early_stopping.monitor == "val/acc" and cfg.callbacks.model_checkpoint.filename == "best"
 
 
+@pytest.mark.parametrize(("strategy", "phase_a", "phase_b"), [("blocks_1", 2, 1), ("frozen", 1, 0)])
+def test_early_stopping_waits_for_phase_b(tmp_path, tiny_tree, strategy, phase_a, phase_b):
+    """A threshold met at once stops at the first check: phase A's head plateaus early, and a stop there ended
+    runs before their strategy unfroze anything (was: a blocks_1 run stopped after epoch 0, phase_b_epochs 0,
+    recorded as completed). Without a phase B, early stopping counts from the start, as Lightning's does."""
+    train(tmp_path / "run", tiny_tree, "model=resnet18", f"strategy={strategy}", "callbacks=early_stopping",
+          "+callbacks.early_stopping.stopping_threshold=0.0", "finetune.phase_a_epochs=2", "finetune.phase_b_epochs=3")
+    metrics = read_metrics(tmp_path / "run")
+    assert (metrics["phase_a_epochs"], metrics["phase_b_epochs"]) == (phase_a, phase_b)
+
+
 def test_outputs_stay_in_the_run_dir_and_the_data_dir(tmp_path, tiny_tree):
     """Nothing lands in the working directory: Hydra's run dir and $TLEXP_DATA_DIR hold everything."""
     cwd, data_dir = tmp_path / "cwd", tmp_path / "data"

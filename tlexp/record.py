@@ -30,7 +30,10 @@ NOT_RESULT_KEYS = (
 # Callbacks (by class name) that change what a run computes, and their arguments that do (None: all): the
 # first checkpoint callback's monitor picks the best.ckpt that is tested, EarlyStopping ends the run,
 # WeightEMA is the model validated and tested. Compared as ``callbacks.<name>.<argument>``.
-RESULT_CALLBACKS = {"RunDirCheckpoint": ("monitor", "mode"), "ModelCheckpoint": ("monitor", "mode"), "EarlyStopping": None, "WeightEMA": None}
+RESULT_CALLBACKS = {
+    "RunDirCheckpoint": ("monitor", "mode"), "ModelCheckpoint": ("monitor", "mode"), "EarlyStopping": None, "PhaseBEarlyStopping": None,
+    "WeightEMA": None,
+}
 # What a resume may change: training longer continues the same run (tests/test_scaling.py's DDP resume).
 EXTENDABLE = ("finetune.phase_b_epochs", "trainer.max_epochs")
 
