@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -148,3 +149,12 @@ def train(run_dir: Path, data_root: Path, *overrides: str, check: bool = True) -
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def accuracy_on_test_split(run_dir: Path, tree: Path, predictions_csv: Path) -> float:
+    """Top-1 of tlexp-predict's CSV over the run's test split (split.csv), to set against metrics.json's test_acc."""
+    with open(run_dir / "split.csv") as f:
+        test_rows = {str(tree / r["path"]): r["class"] for r in csv.DictReader(f) if r["subset"] == "test"}
+    with open(predictions_csv) as f:
+        top1 = {r["path"]: r["top1"] for r in csv.DictReader(f)}
+    return sum(top1[p] == label for p, label in test_rows.items()) / len(test_rows)

@@ -5,12 +5,10 @@ Without a GPU, tests/test_devices.py catches the same class of bug on the ``meta
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_module, train
+from tests.conftest import accuracy_on_test_split, read_metrics, run_module, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU = ("trainer.accelerator=gpu",)
@@ -68,12 +66,7 @@ def test_predict_on_the_gpu_matches_the_test(tmp_path, tiny_tree):
     result = run_module("tlexp.predict", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tiny_tree}",
                         f"csv={out}", "num_workers=0", "device=cuda")
     assert result.returncode == 0, result.stderr[-2000:]
-    with open(run / "split.csv") as f:
-        test_rows = {str(tiny_tree / r["path"]): r["class"] for r in csv.DictReader(f) if r["subset"] == "test"}
-    with open(out) as f:
-        top1 = {r["path"]: r["top1"] for r in csv.DictReader(f)}
-    correct = sum(top1[p] == label for p, label in test_rows.items())
-    assert correct / len(test_rows) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)
+    assert accuracy_on_test_split(run, tiny_tree, out) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-mixed"])

@@ -13,6 +13,7 @@ import torch
 
 from tests.conftest import (
     REPO,
+    accuracy_on_test_split,
     make_image_tree,
     read_metrics,
     red_images_and_broken_files,
@@ -66,12 +67,7 @@ def test_a_bf16_true_run_is_served_as_tested(tmp_path, tiny_tree):
     result = predict_cli(f"ckpt={run / 'checkpoints' / 'best.ckpt'}", f"images={tiny_tree}", f"csv={out}", "num_workers=0", "batch_size=8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "serving in bf16-true" in result.stdout + result.stderr
-    with open(run / "split.csv") as f:
-        test_rows = {str(tiny_tree / r["path"]): r["class"] for r in csv.DictReader(f) if r["subset"] == "test"}
-    with open(out) as f:
-        top1 = {r["path"]: r["top1"] for r in csv.DictReader(f)}
-    correct = sum(top1[p] == label for p, label in test_rows.items())
-    assert correct / len(test_rows) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)
+    assert accuracy_on_test_split(run, tiny_tree, out) == pytest.approx(read_metrics(run)["test_acc"], abs=1e-6)
 
 
 def test_one_file_and_a_glob(trained_run):
