@@ -413,3 +413,14 @@ def test_curves_join_the_validated_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(Figure, "savefig", spy)
     assert table_main([str(sweep)]) == 0
     assert lines["curves.png"] == [[0, 1, 2], [0, 2]]  # training (dashed), validation (solid)
+
+
+def test_sort_by_the_best_epoch_orders_epochs_as_numbers(tmp_path):
+    """--sort best_at: epochs 2, 3, 10 (was: '10 (B)' first, its text sorted before '2 (B)')."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:3])
+    for job, best in zip(sorted(sweep.iterdir()), (10, 2, 3)):
+        record = json.loads((job / "metrics.json").read_text())
+        record |= {"best_epoch": best, "history": [{"epoch": e, "val_acc": 0.5, "phase_b": e > 1} for e in range(12)]}
+        (job / "metrics.json").write_text(json.dumps(record))
+    assert table_main([str(sweep), "--sort", "best_at"]) == 0
+    assert [r["Best epoch (phase)"] for r in _table_rows(sweep)] == ["2 (B)", "3 (B)", "10 (B)"]

@@ -369,6 +369,13 @@ def _number(text) -> float | None:
     return float(str(text).replace(",", "").replace("%", "").strip())
 
 
+def _sort_value(row: dict, key: str):
+    """What --sort orders by: best_at by its epoch number (as text, "10 (B)" would come before "2 (A)")."""
+    if key == "best_at":
+        return row.get("best_epoch") if row.get("best_at") is not None else None
+    return row.get(key)
+
+
 def write_files(rows: list[dict], table: str, groups, summary: str, sweep_dir: Path, shown: bool) -> list[str]:
     """The table's files in the sweep dir; a ``table_seeds.md`` of an earlier run without repeats now is removed."""
     try:
@@ -404,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = load_rows(args.sweep_dir)
         if args.sort != "none":
             # None and NaN (a diverged run's loss, which compares false with everything) go last, else the order breaks
-            known = [r for r in rows if r.get(args.sort) is not None and r[args.sort] == r[args.sort]]
-            rows = sorted(known, key=lambda r: r[args.sort], reverse=args.descending) + [r for r in rows if r not in known]
+            known = [r for r in rows if _sort_value(r, args.sort) is not None and _sort_value(r, args.sort) == _sort_value(r, args.sort)]
+            rows = sorted(known, key=lambda r: _sort_value(r, args.sort), reverse=args.descending) + [r for r in rows if r not in known]
         table = markdown(rows)
         groups = repeats.repeat_groups(rows, swept(rows))
         summary = repeats.markdown(groups) + "\n" + "".join(f"- {line}\n" for line in repeats.separations(groups)) if groups else ""
