@@ -424,3 +424,23 @@ def test_sort_by_the_best_epoch_orders_epochs_as_numbers(tmp_path):
         (job / "metrics.json").write_text(json.dumps(record))
     assert table_main([str(sweep), "--sort", "best_at"]) == 0
     assert [r["Best epoch (phase)"] for r in _table_rows(sweep)] == ["2 (B)", "3 (B)", "10 (B)"]
+
+
+def test_compare_leaves_out_a_reference_row_that_did_not_complete(tmp_path, capsys):
+    """A reference table.csv's mismatch row (numbers of another config) and failed row (no numbers) are not compared
+    against (was: +31.23 pt against the mismatch's numbers; a failed job run again: '2 reference rows ...: not compared')."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    assert table_main([str(sweep)]) == 0
+    rows = _table_rows(sweep)
+    rows[0] |= {"Status": "mismatch", "Test Accuracy": "0.5"}
+    rows[1] = {k: v if k in ("Model", "Strategy", "optim.lr", "Seed", "Job") else "" for k, v in rows[1].items()} | {"Status": "failed"}
+    reference = tmp_path / "ref.csv"
+    with open(reference, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([*rows, _table_rows(sweep)[1]])  # the failed job of lr 0.01 ran again, and completed
+    capsys.readouterr()
+    assert table_main([str(sweep), "--compare", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet18 | frozen | 0.001 | the reference row with Model=resnet18, Strategy=frozen, optim.lr=0.001 is mismatch: not compared |" in out
+    assert "| resnet18 | frozen | 0.01 | +0.00 pt |" in out

@@ -315,11 +315,15 @@ def compare(rows: list[dict], reference: list[dict], name: Path) -> str:
     for row in rows:
         ours = {"Model": {_norm(row.get("model"))}, "Strategy": {_norm(row.get("strategy"))},
                 **{h: _spellings(row, h) for h in settings}, **{h: {_norm(row.get("seed"))} for h in seeds}}
-        found = [ref for ref in reference if all(_norm(ref[h]) in spellings for h, spellings in ours.items())]
+        matching = [ref for ref in reference if all(_norm(ref[h]) in spellings for h, spellings in ours.items())]
+        # a table.csv's failed or mismatch row has no numbers, or numbers of another config: nothing to compare with
+        found = [ref for ref in matching if (ref.get("Status") or "completed") == "completed"]
         what = ", ".join([f"Model={row.get('model')}", f"Strategy={row.get('strategy')}",
                           *(f"{h}={_setting(row, h)}" for h in settings), *(f"Seed={row.get('seed')}" for _ in seeds)])
         if row.get("status") != "completed":
             cells = [f"{row.get('status')}: nothing to compare"]
+        elif matching and not found:
+            cells = [f"the reference row with {what} is {', '.join(sorted({ref['Status'] for ref in matching}))}: not compared"]
         elif len(found) != 1:
             cells = [f"no reference row with {what}" if not found else f"{len(found)} reference rows with {what}: not compared"]
         else:
