@@ -444,3 +444,25 @@ def test_compare_leaves_out_a_reference_row_that_did_not_complete(tmp_path, caps
     out = capsys.readouterr().out
     assert "| resnet18 | frozen | 0.001 | the reference row with Model=resnet18, Strategy=frozen, optim.lr=0.001 is mismatch: not compared |" in out
     assert "| resnet18 | frozen | 0.01 | +0.00 pt |" in out
+
+
+def test_a_job_still_running_is_not_called_killed(tmp_path, capsys):
+    """tlexp-table during a sweep: the job that holds its RUNNING lock is RUNNING (was: 'MISSING: ... killed'); one whose
+    lock nobody holds any more is still MISSING."""
+    import fcntl
+
+    from tlexp import runs
+    from tlexp.report import table
+
+    assert table.RUNNING == runs.RUNNING
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:1])
+    for name in ("1_resnet18_blocks_1", "2_resnet18_blocks_2"):
+        (sweep / name / ".hydra").mkdir(parents=True)
+        (sweep / name / ".hydra" / "config.yaml").write_text(f"model:\n  name: resnet18\nstrategy: {name[-8:]}\nseed: 42\n")
+        (sweep / name / runs.RUNNING).write_text("host")
+    with open(sweep / "1_resnet18_blocks_1" / runs.RUNNING) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert table_main([str(sweep)]) == 0
+    assert [r["Status"] for r in _table_rows(sweep)] == ["completed", "running", "missing"]
+    assert "| RUNNING: no metrics.json yet: the job is running" in (sweep / "table.md").read_text()
+    assert capsys.readouterr().out.startswith("3 rows (1 running, 1 missing) → ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import sys
 import textwrap
 from collections import Counter
@@ -15,6 +16,8 @@ from tlexp.errors import TlexpError
 from tlexp.record import RECORD, NotARecord, read_record
 from tlexp.report import repeats
 from tlexp.report.plotting import pyplot
+
+RUNNING = ".tlexp.running"  # tlexp.runs.RUNNING: runs imports torch, which the table does without
 
 # The reference study's columns in its order, then ours. (header, metrics.json key, format)
 COLUMNS = [
@@ -101,6 +104,9 @@ def _row(job: Path) -> dict:
     config = job / ".hydra" / "config.yaml"
     if not (job / RECORD).exists():
         settings = OmegaConf.load(config)
+        if _running(job):  # a sweep looked at before its end: this job has not recorded yet, it was not killed
+            return {"status": "running", "model": OmegaConf.select(settings, "model.name"), "strategy": settings.get("strategy"),
+                    "seed": settings.get("seed"), "error": "no metrics.json yet: the job is running; run tlexp-table again when the sweep is done"}
         return {"status": "missing", "model": OmegaConf.select(settings, "model.name"), "strategy": settings.get("strategy"),
                 "seed": settings.get("seed"), "error": "no metrics.json: the job was killed before it could record (resume=true runs it again)"}
     try:
@@ -113,6 +119,18 @@ def _row(job: Path) -> dict:
     if row.get("status") == "completed" and saved is not None and config.exists() and config.read_text() != saved:
         return row | {"status": "mismatch", "error": "metrics.json was computed with another config than .hydra/config.yaml"}
     return row
+
+
+def _running(job: Path) -> bool:
+    """A tlexp-train holds the job's RUNNING lock (tlexp.runs.locked) for as long as it runs."""
+    try:
+        with open(job / RUNNING) as probe:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go when the file closes
+    except BlockingIOError:
+        return True
+    except OSError:  # no such file: never started by tlexp-train, or an older one
+        return False
+    return False
 
 
 def _speed_on(setup: dict | None) -> str | None:
@@ -138,7 +156,7 @@ def formatted(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[list[s
         if row.get("status") != "completed":
             cells = [_fmt(_cell(row, key), kind) if key in ("model", "strategy", "seed") or key.startswith("swept:") else ""
                      for _, key, kind in cols]
-            status = str(row.get("status")).upper()  # FAILED, or INTERRUPTED (resumable), MISSING, MISMATCH, UNREADABLE
+            status = str(row.get("status")).upper()  # FAILED, or INTERRUPTED (resumable), RUNNING, MISSING, MISMATCH, UNREADABLE
             cells[first_metric] = f"{status}: {row.get('error', 'unknown error')}".replace("|", "/").splitlines()[0][:120]
             out.append(cells)
         else:
