@@ -466,3 +466,17 @@ def test_a_job_still_running_is_not_called_killed(tmp_path, capsys):
     assert [r["Status"] for r in _table_rows(sweep)] == ["completed", "running", "missing"]
     assert "| RUNNING: no metrics.json yet: the job is running" in (sweep / "table.md").read_text()
     assert capsys.readouterr().out.startswith("3 rows (1 running, 1 missing) → ")
+
+
+def test_the_csv_gives_a_mismatch_row_no_numbers_as_the_markdown(tmp_path):
+    """A job whose .hydra/config.yaml changed after it recorded: table.csv, as table.md, shows none of its numbers
+    (was: the other config's accuracies in table.csv, blank cells in table.md)."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])
+    for job in sweep.iterdir():
+        (job / ".hydra" / "config.yaml").write_text(json.loads((job / "metrics.json").read_text())["run"]["hydra_files"]["config.yaml"])
+    (sweep / "1_resnet18_frozen" / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.5\nseed: 42\n")
+    assert table_main([str(sweep)]) == 0
+    rows = _table_rows(sweep)
+    assert [r["Status"] for r in rows] == ["completed", "mismatch"]
+    assert rows[0]["Test Accuracy"] == "0.8123" and rows[1]["Test Accuracy"] == "" and rows[1]["Trainable Parameters"] == ""
+    assert (rows[1]["Model"], rows[1]["Strategy"], rows[1]["optim.lr"], rows[1]["Seed"]) == ("resnet18", "frozen", "0.01", "42")

@@ -41,6 +41,7 @@ COLUMNS = [
 # Overrides that are columns already (Model, Strategy, Seed) or say where, not what, a job ran; any
 # other key is a setting, ``model.tta`` and ``model.head.dropout`` too.
 NOT_SWEPT = {"model", "strategy", "seed", "data.root", "resume", "ckpt_path"}
+IDENTITY = ("model", "strategy", "seed")  # the cells a row that did not complete still has
 SORT_KEYS = {"none", *(key for _, key, _ in COLUMNS)}
 COMPARED = ("pct", "int", "ms")  # the kinds of column --compare takes differences of
 # A reference's columns that are not settings: the table's own, and table.csv's last three.
@@ -154,7 +155,7 @@ def formatted(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[list[s
     first_metric = [key for _, key, _ in cols].index("train_acc")
     for row in rows:
         if row.get("status") != "completed":
-            cells = [_fmt(_cell(row, key), kind) if key in ("model", "strategy", "seed") or key.startswith("swept:") else ""
+            cells = [_fmt(_cell(row, key), kind) if key in IDENTITY or key.startswith("swept:") else ""
                      for _, key, kind in cols]
             status = str(row.get("status")).upper()  # FAILED, or INTERRUPTED (resumable), RUNNING, MISSING, MISMATCH, UNREADABLE
             cells[first_metric] = f"{status}: {row.get('error', 'unknown error')}".replace("|", "/").splitlines()[0][:120]
@@ -179,7 +180,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow([h for h, _, _ in cols] + ["Status", "Error", "Job"])
         for row in rows:
-            cells = ["" if (value := _cell(row, key)) is None else value for _, key, _ in cols]
+            # as table.md: a row that did not complete has no results (a mismatch's numbers are another config's)
+            shown = [key for _, key, _ in cols if row.get("status") == "completed" or key in IDENTITY or key.startswith("swept:")]
+            cells = ["" if key not in shown or (value := _cell(row, key)) is None else value for _, key, _ in cols]
             writer.writerow(cells + [row.get("status"), row.get("error", ""), row["job_dir"]])
 
 
