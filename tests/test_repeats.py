@@ -85,3 +85,17 @@ def test_a_label_names_only_the_settings_its_run_overrides(sweep):
     rows = load_rows(sweep)
     labels = {_label(r, swept(rows), with_model=False) for r in rows if r["strategy"] == "blocks_4"}
     assert labels == {"blocks_4", "blocks_4 · model.tta=flip"}
+
+
+def test_a_seed_run_twice_is_said_not_passed_off_as_a_repeat(sweep, tmp_path_factory):
+    """The same sweep twice under one parent: each group's seed summary says its seeds ran twice (was: n=4 and a spread
+    over copies, presented as four repeats)."""
+    import shutil
+
+    parent = tmp_path_factory.mktemp("study")
+    shutil.copytree(sweep, parent / "monday")
+    shutil.copytree(sweep, parent / "tuesday")
+    rows = load_rows(parent)
+    lines = separations(repeat_groups(rows, swept(rows)))
+    assert "lite0 · frozen: seed 1, 2 ran more than once: its n and spread count the same seed again" in lines
+    assert sum("ran more than once" in line for line in lines) == 3

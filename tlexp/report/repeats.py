@@ -63,10 +63,13 @@ def markdown(groups: list[dict]) -> str:
 
 def separations(groups: list[dict], key: str = "test_acc") -> list[str]:
     """The best group by mean ``key`` against every other: beyond or within their spread."""
+    # one seed twice (a sweep copied, or run again, under one parent) is one run counted twice, not a repeat
+    lines = [f"{_name(g)}: seed {', '.join(map(str, twice))} ran more than once: its n and spread count the same seed again"
+             for g in groups if (twice := sorted({s for s in g["seeds"] if g["seeds"].count(s) > 1}, key=str))]
     scored = sorted((g for g in groups if g[key] is not None), key=lambda g: g[key][0], reverse=True)
     if not scored:
-        return []
-    best, lines = scored[0], []
+        return lines
+    best = scored[0]
     for other in scored[1:]:
         gap, spread = best[key][0] - other[key][0], best[key][1] + other[key][1]
         if min(best["n"], other["n"]) < 2:  # one run has no spread to measure a gap against
