@@ -426,6 +426,18 @@ def test_sort_by_the_best_epoch_orders_epochs_as_numbers(tmp_path):
     assert [r["Best epoch (phase)"] for r in _table_rows(sweep)] == ["2 (B)", "3 (B)", "10 (B)"]
 
 
+def test_sort_puts_a_row_without_results_last(tmp_path):
+    """A mismatch row's cells are blank (its numbers are another config's): --sort places it after the rows with
+    results (was: by its hidden numbers, a blank row amid the order)."""
+    sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY)
+    for job in sweep.iterdir():
+        (job / ".hydra" / "config.yaml").write_text(json.loads((job / "metrics.json").read_text())["run"]["hydra_files"]["config.yaml"])
+    (sorted(sweep.iterdir())[2] / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.5\nseed: 42\n")  # blocks_1's best: edited after
+    assert table_main([str(sweep), "--sort", "test_acc", "--descending"]) == 0
+    assert [(r["Strategy"], r["Status"]) for r in _table_rows(sweep)] == [
+        ("blocks_1", "completed"), ("frozen", "completed"), ("frozen", "completed"), ("blocks_1", "mismatch")]
+
+
 def test_compare_leaves_out_a_reference_row_that_did_not_complete(tmp_path, capsys):
     """A reference table.csv's mismatch row (numbers of another config) and failed row (no numbers) are not compared
     against (was: +31.23 pt against the mismatch's numbers; a failed job run again: '2 reference rows ...: not compared')."""

@@ -395,7 +395,10 @@ def _number(text) -> float | None:
 
 
 def _sort_value(row: dict, key: str):
-    """What --sort orders by: best_at by its epoch number (as text, "10 (B)" would come before "2 (A)")."""
+    """What --sort orders by: best_at by its epoch number (as text, "10 (B)" would come before "2 (A)"); a row that
+    did not complete has only its identity to order by (a mismatch's hidden numbers are another config's)."""
+    if row.get("status") != "completed" and key not in IDENTITY:
+        return None
     if key == "best_at":
         return row.get("best_epoch") if row.get("best_at") is not None else None
     return row.get(key)
