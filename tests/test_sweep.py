@@ -478,6 +478,11 @@ def test_a_job_still_running_is_not_called_killed(tmp_path, capsys):
     assert [r["Status"] for r in _table_rows(sweep)] == ["completed", "running", "missing"]
     assert "| RUNNING: no metrics.json yet: the job is running" in (sweep / "table.md").read_text()
     assert capsys.readouterr().out.startswith("3 rows (1 running, 1 missing) → ")
+    (sweep / "0_resnet18_frozen" / "metrics.json").unlink()  # no job has recorded yet (was: "is it a sweep directory?")
+    with open(sweep / "1_resnet18_blocks_1" / runs.RUNNING) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert table_main([str(sweep)]) == 2
+    assert capsys.readouterr().err == f"tlexp-table: error: no job under {sweep} has recorded yet (1 running): run tlexp-table again when they have\n"
 
 
 def test_the_csv_gives_a_mismatch_row_no_numbers_as_the_markdown(tmp_path):

@@ -67,6 +67,8 @@ def load_rows(sweep_dir: Path) -> list[dict]:
     record, or whose record is not of its config, is a failed row that says so."""
     jobs = {f.parent for f in sweep_dir.rglob(RECORD)} | {c.parent.parent for c in sweep_dir.rglob(".hydra/config.yaml")}
     if not any((job / RECORD).exists() for job in jobs):
+        if running := sum(_running(job) for job in jobs):
+            raise TlexpError(f"no job under {sweep_dir} has recorded yet ({running} running): run tlexp-table again when they have")
         raise TlexpError(f"no metrics.json under {sweep_dir}: is it a sweep directory (outputs/multirun/<stamp>)?")
     ordered = sorted(jobs, key=lambda j: (_job_order(j.name), str(j)))  # sweeps side by side: each in its folder's order
     rows = [_row(job) | {"job_dir": str(job.relative_to(sweep_dir)), "overrides": _overrides(job)} for job in ordered]
