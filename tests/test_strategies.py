@@ -152,3 +152,11 @@ def test_counting_layers_leaves_every_module_in_its_mode_even_when_it_fails(monk
     with pytest.raises(RuntimeError, match="out of memory"):
         layers(backbone)
     assert body.training and body.layer1[0].bn1.training and not body.bn1.training
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_100", "ghostnet_100"])
+def test_timm_feature_dim_is_what_the_body_returns(name):
+    """A layer after pooling (conv_head) makes the body's output wider than num_features: the head got 576
+    inputs for 1024 features and the first batch failed in a matmul."""
+    backbone = build_backbone("timm", name, None)
+    assert backbone.body.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, backbone.feature_dim)

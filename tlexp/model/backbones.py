@@ -150,7 +150,9 @@ def build_backbone(source: str, name: str, weights) -> Backbone:
     model, pre = build_imagenet_model(source, name, weights)
     if source == "timm":
         model.reset_classifier(0)
-        feature_dim = model.num_features
+        # What the body returns: models with a layer after pooling (MobileNetV3's conv_head, GhostNet,
+        # timm's VGG) return head_hidden_size features, wider or narrower than num_features.
+        feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
     else:
         feature_dim = _strip_torchvision_classifier(model)
     return Backbone(body=model, feature_dim=feature_dim, preprocessing=pre, source=source, name=name)
