@@ -160,3 +160,9 @@ def test_timm_feature_dim_is_what_the_body_returns(name):
     inputs for 1024 features and the first batch failed in a matmul."""
     backbone = build_backbone("timm", name, None)
     assert backbone.body.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, backbone.feature_dim)
+
+
+def test_timm_model_without_group_matcher_has_blocks():
+    """PoolFormer (timm's MetaFormer) declares no group_matcher: blocks_N failed with an AttributeError."""
+    units = blocks(build_backbone("timm", "poolformer_s12", None))
+    assert [u.name for u in units][:5] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]

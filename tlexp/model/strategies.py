@@ -129,16 +129,22 @@ TORCHVISION_BLOCKS = (
 )
 
 
+def _generic_blocks(body: nn.Module) -> list[Unit]:
+    return _units([("features", body.features)] if hasattr(body, "features") else list(body.named_children()))
+
+
 def _torchvision_blocks(body: nn.Module) -> list[Unit]:
     for family, blocks_of in TORCHVISION_BLOCKS:
         if isinstance(body, family):
             return blocks_of(body)
-    return _units([("features", body.features)] if hasattr(body, "features") else list(body.named_children()))
+    return _generic_blocks(body)
 
 
 def _timm_blocks(body: nn.Module) -> list[Unit]:
     from timm.models import group_modules
 
+    if not hasattr(body, "group_matcher"):  # a few timm models (MetaFormer: PoolFormer, ...) declare none
+        return _generic_blocks(body)
     groups = group_modules(body, body.group_matcher(coarse=False))
     units = []
     for names in groups.values():
