@@ -166,3 +166,12 @@ def test_timm_model_without_group_matcher_has_blocks():
     """PoolFormer (timm's MetaFormer) declares no group_matcher: blocks_N failed with an AttributeError."""
     units = blocks(build_backbone("timm", "poolformer_s12", None))
     assert [u.name for u in units][:5] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_0", "squeezenet1_1"])
+def test_squeezenet_convolutional_classifier_is_replaced(name):
+    """SqueezeNet classifies with a 1x1 conv, no Linear: build_backbone refused it ("no Linear classifier")."""
+    backbone = build_backbone("torchvision", name, None)
+    assert backbone.feature_dim == 512
+    assert backbone.body.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 512)
+    assert len(layers(backbone)) > 0 and len(blocks(backbone)) == 9

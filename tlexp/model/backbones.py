@@ -131,8 +131,12 @@ def build_imagenet_model(source: str, name: str, weights) -> tuple[nn.Module, pr
 
 
 def _strip_torchvision_classifier(model: nn.Module) -> int:
-    """Replace the last Linear (and a Dropout right before it) with Identity; return its input width."""
+    """Replace the last Linear (and a Dropout right before it) with Identity; return its input width.
+
+    A model without one classifies with a 1x1 convolution before its pooling (SqueezeNet): that conv
+    is the classifier, and the body then pools its input channels."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = linears or [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     if not linears:
         raise TlexpError(f"{type(model).__name__} has no Linear classifier to replace; pick another backbone")
     path, last = linears[-1]
@@ -143,7 +147,7 @@ def _strip_torchvision_classifier(model: nn.Module) -> int:
     if isinstance(parent, nn.Sequential) and index > 0 and isinstance(parent._modules[names[index - 1]], nn.Dropout):
         setattr(parent, names[index - 1], nn.Identity())
     setattr(parent, attr, nn.Identity())
-    return last.in_features
+    return last.in_features if isinstance(last, nn.Linear) else last.in_channels
 
 
 def build_backbone(source: str, name: str, weights) -> Backbone:
