@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tlexp.errors import TlexpError
@@ -175,3 +176,23 @@ def test_squeezenet_convolutional_classifier_is_replaced(name):
     assert backbone.feature_dim == 512
     assert backbone.body.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 512)
     assert len(layers(backbone)) > 0 and len(blocks(backbone)) == 9
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"state_dict": {f"backbone.{k}": v for k, v in sd.items() if not k.startswith("fc.")}, "epoch": 3},
+    lambda sd: {f"module.{k}": v for k, v in sd.items()},
+    lambda sd: {**sd, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)},
+])
+def test_local_weights_from_checkpoints_prefixes_and_other_heads(tmp_path, wrap):
+    """A Lightning/tlexp checkpoint (keys under backbone.), a DDP state dict (module.), a fine-tuned model with
+    10 classes: each refused as "does not fit", though the classifier they lack or differ in is replaced anyway."""
+    source = torchvision.models.resnet18()
+    torch.save(wrap(source.state_dict()), tmp_path / "w.ckpt")
+    body = build_backbone("torchvision", "resnet18", str(tmp_path / "w.ckpt")).body
+    assert torch.equal(body.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+
+
+def test_local_weights_of_another_architecture_say_what_to_give(tmp_path):
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "w.pth")
+    with pytest.raises(TlexpError, match="does not fit ResNet.*Give a state dict saved from this architecture"):
+        build_backbone("torchvision", "resnet18", str(tmp_path / "w.pth"))

@@ -51,11 +51,42 @@ def _load_local_file(model: nn.Module, path: str) -> None:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if isinstance(state, dict):
+        state = _fitting_keys(state, model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # the first line only says "Error(s) in loading state_dict": name the keys
         detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise TlexpError(f"model.weights={path} does not fit {type(model).__name__}: {detail[:400]}") from exc
+        raise TlexpError(
+            f"model.weights={path} does not fit {type(model).__name__}: {detail[:400]}. "
+            "Give a state dict saved from this architecture (model.name), or a checkpoint holding one"
+        ) from exc
+
+
+def _fitting_keys(state: dict, model: nn.Module) -> dict:
+    """``state`` under the key prefix that fits ``model``: a Lightning checkpoint's ``model.``/``backbone.``
+    (a tlexp checkpoint's body), DDP's ``module.``; and the classifier's tensors from ``model`` where the file
+    has none or another class count (a fine-tuned model's): build_backbone replaces the classifier anyway."""
+    own = model.state_dict()
+    prefixes = {k.split(".", 1)[0] + "." for k in state if isinstance(k, str) and "." in k}
+    candidates = [state] + [{k.removeprefix(p): v for k, v in state.items() if k.startswith(p)} for p in prefixes]
+    best = max(candidates, key=lambda c: len(own.keys() & c.keys()))
+    classifier = _classifier_keys(model)
+    fits = lambda k: k in best and best[k].shape == own[k].shape
+    return {**{k: v for k, v in best.items() if k not in classifier}, **{k: best[k] if fits(k) else own[k] for k in classifier}}
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the classifier build_backbone replaces (timm's get_classifier, else the last Linear)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if head is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    names = {id(m): n for n, m in model.named_modules()}
+    if head is None or id(head) not in names:
+        return set()
+    prefix = names[id(head)]
+    return {f"{prefix}.{k}" if prefix else k for k in head.state_dict()}
 
 
 @contextmanager
