@@ -196,3 +196,10 @@ def test_local_weights_of_another_architecture_say_what_to_give(tmp_path):
     torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "w.pth")
     with pytest.raises(TlexpError, match="does not fit ResNet.*Give a state dict saved from this architecture"):
         build_backbone("torchvision", "resnet18", str(tmp_path / "w.pth"))
+
+
+def test_timm_name_with_a_pretrained_tag_is_a_model():
+    """timm names its hub weights architecture.tag (resnet18.a1_in1k): the tag was refused as an unknown model."""
+    assert build_backbone("timm", "resnet18.a1_in1k", None).feature_dim == 512
+    with pytest.raises(TlexpError, match="unknown timm model 'resnet18.nosuchtag'. Did you mean: resnet18"):
+        build_backbone("timm", "resnet18.nosuchtag", None)

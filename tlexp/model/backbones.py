@@ -132,8 +132,10 @@ def _timm_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
     except ImportError as exc:
         raise TlexpError("model.source=timm needs timm: pip install 'tlexp[timm]'") from exc
     available = timm.list_models()
-    if name not in available:
-        raise TlexpError(f"unknown timm model '{name}'.{_suggest(name, available)}")
+    if name not in available:  # or an architecture with its weights' tag (resnet18.a1_in1k): timm's hub names
+        tagged = timm.list_pretrained()
+        if name not in tagged:
+            raise TlexpError(f"unknown timm model '{name}'.{_suggest(name, available + tagged)}")
     if weights in OFFLINE_WEIGHTS:
         arch, load = OFFLINE_WEIGHTS[weights]
         if name != arch:
