@@ -166,7 +166,7 @@ def test_timm_feature_dim_is_what_the_body_returns(name):
 def test_timm_model_without_group_matcher_has_blocks():
     """PoolFormer (timm's MetaFormer) declares no group_matcher: blocks_N failed with an AttributeError."""
     units = blocks(build_backbone("timm", "poolformer_s12", None))
-    assert [u.name for u in units][:5] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]
+    assert [u.name for u in units] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3,head.norm"]
 
 
 @pytest.mark.parametrize("name", ["squeezenet1_0", "squeezenet1_1"])
@@ -203,3 +203,16 @@ def test_timm_name_with_a_pretrained_tag_is_a_model():
     assert build_backbone("timm", "resnet18.a1_in1k", None).feature_dim == 512
     with pytest.raises(TlexpError, match="unknown timm model 'resnet18.nosuchtag'. Did you mean: resnet18"):
         build_backbone("timm", "resnet18.nosuchtag", None)
+
+
+@pytest.mark.parametrize("name,last", [
+    ("mnasnet0_5", ["layers.13.0", "layers.14,layers.15"]),
+    ("shufflenet_v2_x0_5", ["stage4.3", "conv5.0,conv5.1"]),
+    ("convnext_tiny", ["features.2.0,features.2.1", "features.3.0"]),
+])
+def test_a_bare_norm_layer_is_no_block_of_its_own(name, last):
+    """MnasNet's and ShuffleNet's closing conv and BatchNorm sit in plain Sequentials: blocks_1 trained the
+    BatchNorm alone, blocks_2 the conv and its BatchNorm; ConvNeXt's downsampling LayerNorm was a block too."""
+    names = [u.name for u in blocks(build_backbone("torchvision", name, None))]
+    start = names.index(last[0])
+    assert names[start : start + 2] == last

@@ -78,8 +78,29 @@ def _expand_sequentials(named: list[tuple[str, nn.Module]]) -> list[tuple[str, n
     return out
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
 def _units(named: list[tuple[str, nn.Module]]) -> list[Unit]:
-    return [Unit(n, (m,)) for n, m in _expand_sequentials(named) if _has_params(m)]
+    """One unit per module with weights; a bare norm layer of an opened Sequential is no block of its own:
+    it joins its layer, the one before it in its container (MnasNet's and ShuffleNet's conv, BN), or, first
+    there, the one after (ConvNeXt's downsampling LayerNorm, conv), else the unit before (a closing norm)."""
+    items = [(n, m) for n, m in _expand_sequentials(named) if _has_params(m)]
+    parent = lambda i: items[i][0].rpartition(".")[0]
+    groups: list[list[int]] = []
+    for i, (_, module) in enumerate(items):
+        lone = isinstance(module, _NORMS) and bool(groups)
+        if lone and parent(groups[-1][-1]) == parent(i):
+            groups[-1].append(i)
+        elif isinstance(module, _NORMS) and i + 1 < len(items) and parent(i + 1) == parent(i):
+            groups.append([i, None])  # placeholder: the next layer completes this group
+        elif lone:
+            groups[-1].append(i)
+        elif groups and groups[-1][-1] is None:
+            groups[-1][-1] = i
+        else:
+            groups.append([i])
+    return [Unit(",".join(items[i][0] for i in g), tuple(items[i][1] for i in g)) for g in groups]
 
 
 def _vit_layers(body: nn.Module) -> list[Unit]:
