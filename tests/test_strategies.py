@@ -216,3 +216,12 @@ def test_a_bare_norm_layer_is_no_block_of_its_own(name, last):
     names = [u.name for u in blocks(build_backbone("torchvision", name, None))]
     start = names.index(last[0])
     assert names[start : start + 2] == last
+
+
+@pytest.mark.parametrize("name,last", [
+    ("vit_b_32", "encoder.layers.encoder_layer_11,encoder.ln"), ("swin_t", "features.7.1,norm"),
+    ("convnext_tiny", "features.7.2,classifier.0"),
+])
+def test_the_norm_after_the_last_block_trains_with_it(name, last):
+    """The final norm before pooling was in no block: no blocks_N trained it (timm's own ViT groups it with the last block)."""
+    assert blocks(build_backbone("torchvision", name, None))[-1].name == last

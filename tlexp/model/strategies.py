@@ -155,10 +155,22 @@ def _generic_blocks(body: nn.Module) -> list[Unit]:
 
 
 def _torchvision_blocks(body: nn.Module) -> list[Unit]:
-    for family, blocks_of in TORCHVISION_BLOCKS:
-        if isinstance(body, family):
-            return blocks_of(body)
-    return _generic_blocks(body)
+    blocks_of = next((rule for family, rule in TORCHVISION_BLOCKS if isinstance(body, family)), _generic_blocks)
+    return _with_closing_norms(body, blocks_of(body))
+
+
+def _with_closing_norms(body: nn.Module, units: list[Unit]) -> list[Unit]:
+    """Norm layers registered after the last block and in none (ViT's encoder.ln, Swin's norm, ConvNeXt's
+    pre-pooling LayerNorm) train with the last block, as timm groups them: else no blocks_N ever trained them."""
+    named = list(body.modules())
+    in_units = {id(m) for u in units for top in u.modules for m in top.modules()}
+    last = max((i for i, m in enumerate(named) if id(m) in in_units), default=len(named))
+    closing = tuple(m for m in named[last + 1 :] if isinstance(m, _NORMS) and id(m) not in in_units and _has_params(m))
+    if not closing:
+        return units
+    names = {id(m): n for n, m in body.named_modules()}
+    tail = units[-1]
+    return [*units[:-1], Unit(",".join([tail.name, *(names[id(m)] for m in closing)]), (*tail.modules, *closing))]
 
 
 def _timm_blocks(body: nn.Module) -> list[Unit]:
