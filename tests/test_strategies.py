@@ -194,7 +194,7 @@ def test_local_weights_from_checkpoints_prefixes_and_other_heads(tmp_path, wrap)
 
 def test_local_weights_of_another_architecture_say_what_to_give(tmp_path):
     torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "w.pth")
-    with pytest.raises(TlexpError, match="does not fit ResNet.*Give a state dict saved from this architecture"):
+    with pytest.raises(TlexpError, match=r"does not fit ResNet: 120 of its 122 tensors missing \(bn1.bias, .*Give a state dict saved"):
         build_backbone("torchvision", "resnet18", str(tmp_path / "w.pth"))
 
 
@@ -225,3 +225,10 @@ def test_a_bare_norm_layer_is_no_block_of_its_own(name, last):
 def test_the_norm_after_the_last_block_trains_with_it(name, last):
     """The final norm before pooling was in no block: no blocks_N trained it (timm's own ViT groups it with the last block)."""
     assert blocks(build_backbone("torchvision", name, None))[-1].name == last
+
+
+def test_a_file_that_is_no_state_dict_is_one_clear_message(tmp_path):
+    """A pickled list went through as TypeError ("Expected state_dict to be dict-like")."""
+    torch.save([1, 2], tmp_path / "w.pth")
+    with pytest.raises(TlexpError, match="does not fit ResNet: the file holds a list, not a state dict"):
+        build_backbone("torchvision", "resnet18", str(tmp_path / "w.pth"))

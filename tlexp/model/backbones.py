@@ -55,12 +55,24 @@ def _load_local_file(model: nn.Module, path: str) -> None:
         state = _fitting_keys(state, model)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # the first line only says "Error(s) in loading state_dict": name the keys
-        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+    except (RuntimeError, TypeError) as exc:  # torch lists every key, hundreds: say how many, and the first few
         raise TlexpError(
-            f"model.weights={path} does not fit {type(model).__name__}: {detail[:400]}. "
+            f"model.weights={path} does not fit {type(model).__name__}: {_misfit(state, model)}. "
             "Give a state dict saved from this architecture (model.name), or a checkpoint holding one"
         ) from exc
+
+
+def _misfit(state, model: nn.Module) -> str:
+    own = model.state_dict()
+    if not isinstance(state, dict):
+        return f"the file holds a {type(state).__name__}, not a state dict"
+    few = lambda keys: ", ".join(sorted(keys, key=str)[:3]) + (", ..." if len(keys) > 3 else "")
+    missing, extra = own.keys() - state.keys(), state.keys() - own.keys()
+    shape = {k for k in own.keys() & state.keys() if getattr(state[k], "shape", None) != own[k].shape}
+    parts = [f"{len(missing)} of its {len(own)} tensors missing ({few(missing)})" if missing else "",
+             f"{len(extra)} in the file not its ({few(extra)})" if extra else "",
+             f"{len(shape)} of another shape ({few(shape)})" if shape else ""]
+    return "; ".join(p for p in parts if p) or "its tensors do not load"
 
 
 def _fitting_keys(state: dict, model: nn.Module) -> dict:
