@@ -232,3 +232,11 @@ def test_a_file_that_is_no_state_dict_is_one_clear_message(tmp_path):
     torch.save([1, 2], tmp_path / "w.pth")
     with pytest.raises(TlexpError, match="does not fit ResNet: the file holds a list, not a state dict"):
         build_backbone("torchvision", "resnet18", str(tmp_path / "w.pth"))
+
+
+def test_the_removed_classifier_is_no_layer():
+    """SqueezeNet's classifier conv and Dropout sit before its pooling: replaced by Identity they were counted as
+    its last layers, so layers_N unfroze N - 2 real ones."""
+    squeezenet = build_backbone("torchvision", "squeezenet1_1", None)
+    assert [u.name for u in layers(squeezenet)[-3:]] == ["features.12.expand3x3_activation", "cat_7", "classifier.2"]
+    assert len(layers(build_backbone("torchvision", "mobilenet_v2", None))) == 149

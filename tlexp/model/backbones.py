@@ -175,6 +175,11 @@ def build_imagenet_model(source: str, name: str, weights) -> tuple[nn.Module, pr
     raise TlexpError(f"model.source={source}: choose torchvision or timm")
 
 
+class Removed(nn.Identity):
+    """Where the classifier (and its Dropout) was: no layer of the backbone. Defined outside ``torch.nn``, it is
+    no leaf to torch.fx: traced through, it is no op of the graph that ``strategies.layers`` counts."""
+
+
 def _strip_torchvision_classifier(model: nn.Module) -> int:
     """Replace the last Linear (and a Dropout right before it) with Identity; return its input width.
 
@@ -190,8 +195,8 @@ def _strip_torchvision_classifier(model: nn.Module) -> int:
     names = list(parent._modules)
     index = names.index(attr)
     if isinstance(parent, nn.Sequential) and index > 0 and isinstance(parent._modules[names[index - 1]], nn.Dropout):
-        setattr(parent, names[index - 1], nn.Identity())
-    setattr(parent, attr, nn.Identity())
+        setattr(parent, names[index - 1], Removed())
+    setattr(parent, attr, Removed())
     return last.in_features if isinstance(last, nn.Linear) else last.in_channels
 
 
