@@ -240,3 +240,16 @@ def test_the_removed_classifier_is_no_layer():
     squeezenet = build_backbone("torchvision", "squeezenet1_1", None)
     assert [u.name for u in layers(squeezenet)[-3:]] == ["features.12.expand3x3_activation", "cat_7", "classifier.2"]
     assert len(layers(build_backbone("torchvision", "mobilenet_v2", None))) == 149
+
+
+@pytest.mark.parametrize("name,weights_enum", [("googlenet", "GoogLeNet_Weights"), ("inception_v3", "Inception_V3_Weights")])
+def test_auxiliary_classifiers_go_with_pretrained_weights_and_weights_files(tmp_path, monkeypatch, name, weights_enum):
+    """torchvision refuses aux_logits=False with weights ("expected value True"): pretrained GoogLeNet and
+    Inception-v3 failed to build, and a state dict saved with the auxiliary heads "did not fit"."""
+    with_aux = torchvision.models.get_model(name, weights=None, aux_logits=True, init_weights=False)
+    monkeypatch.setattr(getattr(torchvision.models, weights_enum), "get_state_dict", lambda self, **kw: with_aux.state_dict())
+    torch.save(with_aux.state_dict(), tmp_path / "w.pth")
+    for weights in ("DEFAULT", str(tmp_path / "w.pth")):
+        backbone = build_backbone("torchvision", name, weights)
+        assert not any(n.lower().startswith("aux") for n, _ in backbone.body.named_children())
+        assert backbone.body.train()(torch.zeros(2, 3, 299, 299)).shape == (2, backbone.feature_dim)

@@ -78,12 +78,12 @@ def _misfit(state, model: nn.Module) -> str:
 def _fitting_keys(state: dict, model: nn.Module) -> dict:
     """``state`` under the key prefix that fits ``model``: a Lightning checkpoint's ``model.``/``backbone.``
     (a tlexp checkpoint's body), DDP's ``module.``; and the classifier's tensors from ``model`` where the file
-    has none or another class count (a fine-tuned model's): build_backbone replaces the classifier anyway."""
+    has none or another class count (a fine-tuned model's), and of auxiliary classifiers: build_backbone drops both."""
     own = model.state_dict()
     prefixes = {k.split(".", 1)[0] + "." for k in state if isinstance(k, str) and "." in k}
     candidates = [state] + [{k.removeprefix(p): v for k, v in state.items() if k.startswith(p)} for p in prefixes]
     best = max(candidates, key=lambda c: len(own.keys() & c.keys()))
-    classifier = _classifier_keys(model)
+    classifier = _classifier_keys(model) | {k for k in own if k.lower().startswith("aux")}  # dropped too
     fits = lambda k: k in best and best[k].shape == own[k].shape
     return {**{k: v for k, v in best.items() if k not in classifier}, **{k: best[k] if fits(k) else own[k] for k in classifier}}
 
@@ -113,29 +113,34 @@ def _download_guard(what: str):
         ) from exc
 
 
-# Models built without their auxiliary classifiers: in train mode those return (logits, aux) instead of
-# one tensor, and, registered after the last block, they would be the "last blocks" blocks_N unfreezes.
-_BUILD_ARGS = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_logits": False}}
+def _drop_auxiliary_classifiers(model: nn.Module) -> nn.Module:
+    """GoogLeNet's and Inception-v3's auxiliary classifiers go, as torchvision drops them for aux_logits=False
+    (it refuses that flag with weights): in train mode they make the model return (logits, aux), and,
+    registered after the last block, they would be the "last blocks" blocks_N unfreezes."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for name in [n for n in model._modules if n.lower().startswith("aux")]:
+            setattr(model, name, None)
+    return model
 
 
 def _torchvision_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise TlexpError(f"unknown torchvision classification model '{name}'.{_suggest(name, available)}")
-    args = _BUILD_ARGS.get(name, {})
     if weights is None or _is_file_reference(weights):
-        model = torchvision.models.get_model(name, weights=None, **args)
+        model = torchvision.models.get_model(name, weights=None)
         if weights is not None:
             _load_local_file(model, weights)
-        return model, prep.Preprocessing()
+        return _drop_auxiliary_classifiers(model), prep.Preprocessing()
     enum = torchvision.models.get_model_weights(name)
     members = list(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is also an alias among the members
     if weights not in members:
         raise TlexpError(f"'{weights}' is not a weights name of {name}: choose one of {members}, a file path or null")
     resolved = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     with _download_guard(f"{name} ({resolved})"):
-        model = torchvision.models.get_model(name, weights=resolved, **args)
-    return model, prep.from_torchvision_weights(resolved)
+        model = torchvision.models.get_model(name, weights=resolved)
+    return _drop_auxiliary_classifiers(model), prep.from_torchvision_weights(resolved)
 
 
 def _timm_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
