@@ -253,3 +253,18 @@ def test_auxiliary_classifiers_go_with_pretrained_weights_and_weights_files(tmp_
         backbone = build_backbone("torchvision", name, weights)
         assert not any(n.lower().startswith("aux") for n, _ in backbone.body.named_children())
         assert backbone.body.train()(torch.zeros(2, 3, 299, 299)).shape == (2, backbone.feature_dim)
+
+
+def test_a_safetensors_file_loads(tmp_path, monkeypatch):
+    """The hub's weights format: model.weights=w.safetensors was read as a weights enum name ("not a weights
+    name of resnet18"); safetensors reads it on every torch tlexp supports (torch.load only on recent ones)."""
+    from safetensors.torch import save_file
+
+    source = torchvision.models.resnet18()
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    body = build_backbone("torchvision", "resnet18", "w.safetensors").body
+    assert torch.equal(body.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(TlexpError, match="bad.safetensors is not a PyTorch weights file"):
+        build_backbone("torchvision", "resnet18", "bad.safetensors")

@@ -36,14 +36,19 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 def _is_file_reference(weights) -> bool:
-    return isinstance(weights, str) and (os.sep in weights or weights.endswith((".pth", ".pt", ".ckpt", ".bin")))
+    return isinstance(weights, str) and (os.sep in weights or weights.endswith((".pth", ".pt", ".ckpt", ".bin", ".safetensors")))
 
 
 def _load_local_file(model: nn.Module, path: str) -> None:
     if not os.path.isfile(path):
         raise TlexpError(f"model.weights={path}: no such file. Give a state-dict file, DEFAULT, an enum name or null")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        if path.endswith(".safetensors"):  # the hub's format (timm's, Hugging Face's); not a pickle
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise TlexpError(f"model.weights={path} is not a PyTorch weights file ({type(exc).__name__}: {exc})") from exc
     if isinstance(state, nn.Module):
