@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torchvision
@@ -268,3 +270,15 @@ def test_a_safetensors_file_loads(tmp_path, monkeypatch):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(TlexpError, match="bad.safetensors is not a PyTorch weights file"):
         build_backbone("torchvision", "resnet18", "bad.safetensors")
+
+
+@pytest.mark.parametrize("source,name,hint", [
+    ("torchvision", "tf_efficientnet_lite0", "It is a timm model: model=timm model.name=tf_efficientnet_lite0"),
+    ("timm", "regnet_y_400mf", "It is a torchvision model: model.source=torchvision model.name=regnet_y_400mf"),
+    ("torchvision", "zzzz", "torchvision.models.list_models(module=torchvision.models) lists the names"),
+])
+def test_an_unknown_name_says_what_to_do(source, name, hint):
+    """A name of the other source got close names of this one (efficientnet_b0 for tf_efficientnet_lite0), a
+    name like none nothing at all."""
+    with pytest.raises(TlexpError, match=f"unknown .*'{name}'. {re.escape(hint)}$"):
+        build_backbone(source, name, None)

@@ -35,6 +35,23 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
+def _unknown(name: str, source: str, choices: list[str]) -> TlexpError:
+    """An unknown name, and what to do: the other source where it is one of its models, close names, or where the names are listed."""
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if source == "torchvision" and timm is not None and timm.is_model(name):
+        hint = f" It is a timm model: model=timm model.name={name}"
+    elif source == "timm" and name in torchvision.models.list_models(module=torchvision.models):
+        hint = f" It is a torchvision model: model.source=torchvision model.name={name}"
+    else:
+        lister = "timm.list_models()" if source == "timm" else "torchvision.models.list_models(module=torchvision.models)"
+        hint = _suggest(name, choices) or f" {lister} lists the names"
+    label = "timm model" if source == "timm" else "torchvision classification model"
+    return TlexpError(f"unknown {label} '{name}'.{hint}")
+
+
 def _is_file_reference(weights) -> bool:
     return isinstance(weights, str) and (os.sep in weights or weights.endswith((".pth", ".pt", ".ckpt", ".bin", ".safetensors")))
 
@@ -132,7 +149,7 @@ def _drop_auxiliary_classifiers(model: nn.Module) -> nn.Module:
 def _torchvision_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise TlexpError(f"unknown torchvision classification model '{name}'.{_suggest(name, available)}")
+        raise _unknown(name, "torchvision", available)
     if weights is None or _is_file_reference(weights):
         model = torchvision.models.get_model(name, weights=None)
         if weights is not None:
@@ -157,7 +174,7 @@ def _timm_model(name: str, weights) -> tuple[nn.Module, prep.Preprocessing]:
     if name not in available:  # or an architecture with its weights' tag (resnet18.a1_in1k): timm's hub names
         tagged = timm.list_pretrained()
         if name not in tagged:
-            raise TlexpError(f"unknown timm model '{name}'.{_suggest(name, available + tagged)}")
+            raise _unknown(name, "timm", available + tagged)
     if weights in OFFLINE_WEIGHTS:
         arch, load = OFFLINE_WEIGHTS[weights]
         if name != arch:
