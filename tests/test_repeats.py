@@ -33,8 +33,8 @@ def sweep(tmp_path):
 def test_repeats_are_averaged_with_their_spread(sweep):
     groups = repeat_groups(load_rows(sweep), swept=[])
     assert [(g["strategy"], g["n"], g["seeds"]) for g in groups] == [("frozen", 2, [1, 2]), ("blocks_2", 2, [1, 2]), ("blocks_4", 2, [1, 2])]
-    mean, std = groups[1]["test_acc"]
-    assert mean == pytest.approx(0.92) and std == pytest.approx(0.02 * 2**0.5)  # sample std of 0.90 and 0.94
+    mean, std, runs = groups[1]["test_acc"]
+    assert runs == 2 and mean == pytest.approx(0.92) and std == pytest.approx(0.02 * 2**0.5)  # sample std of 0.90 and 0.94
 
 
 def test_the_table_writes_the_seed_summary_and_error_bars(sweep, capsys):
@@ -99,3 +99,16 @@ def test_a_seed_run_twice_is_said_not_passed_off_as_a_repeat(sweep, tmp_path_fac
     lines = separations(repeat_groups(rows, swept(rows)))
     assert "lite0 · frozen: seed 1, 2 ran more than once: its n and spread count the same seed again" in lines
     assert sum("ran more than once" in line for line in lines) == 3
+
+
+def test_a_mean_over_fewer_runs_than_n_says_so(sweep):
+    """A repeat that did not record a metric (a record before it was kept) is left out of that mean, and the cell says
+    over how many runs (was: the mean of one run shown beside n=2, as if of both)."""
+    job = next(sweep.glob("3_*"))  # blocks_2, seed 2
+    record = json.loads((job / "metrics.json").read_text())
+    del record["wall_time_s"]
+    (job / "metrics.json").write_text(json.dumps(record))
+    assert table_main([str(sweep)]) == 0
+    row = next(line for line in (sweep / "table_seeds.md").read_text().splitlines() if "| blocks_2 |" in line)
+    assert "| 102 ± 0 (1 of 2) |" in row and "| 92.00 ± 2.83% |" in row and row.endswith("| 2 (1, 2) |")
+

@@ -38,17 +38,19 @@ def repeat_groups(rows: list[dict], swept: list[str]) -> list[dict]:
         group["n"], group["seeds"] = len(group["rows"]), [r.get("seed") for r in group["rows"]]
         for key in (*(key for _, key, _ in METRICS), *PLOTTED):
             values = [float(r[key]) for r in group["rows"] if r.get(key) is not None]
-            group[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+            group[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)) if values else None
     return list(groups.values())
 
 
-def _cell(stat, kind: str) -> str:
+def _cell(stat, kind: str, n: int) -> str:
+    """mean ± std; over fewer runs than the group's n (a run that did not record it), says how many."""
     if stat is None:
         return "—"
-    mean, std = stat
+    mean, std, count = stat
+    fewer = f" ({count} of {n})" if count < n else ""
     if kind == "pct":
-        return f"{100 * mean:.2f} ± {100 * std:.2f}%"
-    return f"{mean:.4f} ± {std:.4f}" if kind == "loss" else f"{mean:.0f} ± {std:.0f}"
+        return f"{100 * mean:.2f} ± {100 * std:.2f}%{fewer}"
+    return (f"{mean:.4f} ± {std:.4f}" if kind == "loss" else f"{mean:.0f} ± {std:.0f}") + fewer
 
 
 def markdown(groups: list[dict]) -> str:
@@ -56,7 +58,7 @@ def markdown(groups: list[dict]) -> str:
     header = ["Model", "Strategy", *settings, *(h for h, _, _ in METRICS), "n (seeds)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * (2 + len(settings)) + "---:|" * (len(METRICS) + 1)]
     for g in groups:
-        cells = [g["model"], g["strategy"], *g["settings"].values(), *(_cell(g[key], kind) for _, key, kind in METRICS)]
+        cells = [g["model"], g["strategy"], *g["settings"].values(), *(_cell(g[key], kind, g["n"]) for _, key, kind in METRICS)]
         lines.append("| " + " | ".join([*map(str, cells), f"{g['n']} ({', '.join(map(str, g['seeds']))})"]) + " |")
     return "\n".join(lines) + "\n"
 
