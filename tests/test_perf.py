@@ -20,7 +20,7 @@ def test_fast_is_default_and_naive_turns_everything_off(compose_cfg):
     assert (fast.profile.runtime, naive.profile.runtime) == ("auto", "eager")
 
 
-def test_inference_runtime_is_verified_against_eager(monkeypatch):
+def test_inference_runtime_is_verified_against_eager(monkeypatch, caplog):
     import torch
     import torchvision
 
@@ -33,7 +33,13 @@ def test_inference_runtime_is_verified_against_eager(monkeypatch):
     with torch.no_grad():
         assert (fast(x) - model(x)).abs().max() < profiling.VERIFY_TOLERANCE
     monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("untraceable")))
-    assert profiling.inference_runtime(model, (x,), "torchscript") == (model, "eager")
+    with caplog.at_level("INFO", logger=profiling.log.name):
+        assert profiling.inference_runtime(model, (x,), "torchscript") == (model, "eager")
+        assert [r.levelname for r in caplog.records] == ["WARNING"]  # the runtime the user asked for
+        caplog.clear()
+        # auto's fallback is no warning: every default Lite0 run on a bf16 CPU warned (TorchScript changes its outputs 6.8e-2)
+        assert profiling.inference_runtime(model, (x,), "auto") == (model, "eager")
+        assert [(r.levelname, r.getMessage()[:38]) for r in caplog.records] == [("INFO", "profile.runtime=auto: torchscript fail")]
 
 
 def test_speed_is_timed_in_the_precision_the_run_tested_in():

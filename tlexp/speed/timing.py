@@ -132,6 +132,9 @@ def inference_runtime(
     ``cudagraph``: the eager model captured once per shape and replayed (CUDA only).
     """
     model = model.eval()
+    # A fallback is part of what ``auto`` means (the fastest runtime that verifies): said, not warned of.
+    fall_back = log.info if runtime == "auto" else log.warning
+    setting = f"{setting}={runtime}" if runtime == "auto" else setting
     runtime = resolve_runtime(runtime, examples[0].device)
     if runtime == "eager":
         return model, "eager"
@@ -156,10 +159,10 @@ def inference_runtime(
                 with inductor_config.patch(freezing=True), torch.inference_mode():
                     diff = max(max_relative_diff(fast(x), model(x)) for x in examples)
     except Exception as exc:  # noqa: BLE001 -- any model the runtime cannot take runs eagerly
-        log.warning("%s: %s failed for this model (%s: %s); running it eagerly", setting, runtime, type(exc).__name__, exc)
+        fall_back("%s: %s failed for this model (%s: %s); running it eagerly", setting, runtime, type(exc).__name__, exc)
         return model, "eager"
     if diff > verify_tolerance(model, examples[0].device):
-        log.warning("%s: %s changes the outputs by %.2e (relative); running it eagerly", setting, runtime, diff)
+        fall_back("%s: %s changes the outputs by %.2e (relative); running it eagerly", setting, runtime, diff)
         return model, "eager"
     return fast, runtime
 
