@@ -61,6 +61,8 @@ def test_run_dir_keeps_pictures_and_summaries(dashboard_run):
     assert f"{100 * metrics['test_acc']:.2f} %" in summary
     assert f"tensorboard --logdir {dashboard_run / 'tensorboard'}\n" in summary
     assert f"hydra.run.dir={dashboard_run} resume=true\n" in summary
+    assert metrics["feature_cache"] == {"enabled": True, "phase_a": 0, "phase_b": 4}  # said in words (was: "0/4 fixed views")
+    assert "(phase A clean crops, B 4 fixed augmented views)" in summary
 
 
 def test_lr_finder_suggests_without_overriding_by_default(dashboard_run):

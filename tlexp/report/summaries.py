@@ -88,10 +88,15 @@ def run_summary(metrics: dict, overrides: list[str]) -> list:
     ]
 
 
+def _views(n: int | None) -> str:
+    """data.augment.cached_views in words: 0 is the un-augmented crop, not "no views"."""
+    return "clean crops" if n == 0 else f"{n} fixed augmented views"
+
+
 def _how_it_ran(metrics: dict) -> str:
     """perf preset and what it changed: the settings that can move the numbers (bf16, cached fixed views)."""
     cache = metrics.get("feature_cache", {})
-    cached = f"frozen-prefix cache ({cache.get('phase_a')}/{cache.get('phase_b')} fixed views)" if cache.get("enabled") else "no cache"
+    cached = f"frozen-prefix cache (phase A {_views(cache.get('phase_a'))}, B {_views(cache.get('phase_b'))})" if cache.get("enabled") else "no cache"
     layout = "channels_last" if metrics.get("channels_last") else "NCHW"
     return f"perf={metrics['perf']}: {metrics['precision']}, {layout}, {cached}"
 
