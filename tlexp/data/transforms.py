@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,37 @@ def to_model_input(pre: Preprocessing) -> T.Compose:
     return T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)])
 
 
+class CutLongSide(T.Transform):
+    """Centre-cut a long side past ``MAX_ASPECT`` short sides (plus ``MARGIN`` pixels each end) before the eval resize.
+
+    The resize scales the short side to ``resize_size`` whatever the long one, so a valid 1 x 30000 image would
+    become 256 x 7,680,000 (8.7 GB, ~30 s) for a 224 x 224 centre crop. That crop spans at most a short side of
+    the long one: the cut leaves over 1.5 short sides and ``MARGIN`` pixels either side of it, beyond the resize
+    filter's reach (a few pixels, scaled when shrinking), and is even, so the centre stays put. Only the resize's
+    rounding of the long side changes: the crop may move by up to half a pixel. Images within ``MAX_ASPECT``
+    (all normal photos; TF Flowers' are about 4:3) are not touched, so their tensors are the same bit for bit.
+    """
+
+    MAX_ASPECT = 4
+    MARGIN = 8
+
+    def transform(self, inpt, params):
+        height, width = F.get_size(inpt)
+        short, long = sorted((height, width))
+        keep = self.MAX_ASPECT * short + 2 * self.MARGIN
+        keep += (long - keep) % 2  # the same number of pixels off each end
+        if long <= keep:
+            return inpt
+        return self._call_kernel(F.center_crop, inpt, output_size=[height, keep] if long == width else [keep, width])
+
+
 def eval_geometry(pre: Preprocessing) -> T.Compose:
+    """Resize the short side and centre-crop: the one eval geometry of val/test, feature caches, predict and export."""
     interp = InterpolationMode(pre.interpolation)
-    return T.Compose(
-        [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.crop_size), T.ToImage()]
-    )
+    return T.Compose([
+        CutLongSide(), T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.crop_size),
+        T.ToImage(),
+    ])
 
 
 # data.augment.policy: torchvision's automatic augmentation policies, applied after the crop and flip.
