@@ -73,7 +73,8 @@ def test_full_is_every_backbone_parameter(resnet50):
 @pytest.mark.parametrize(
     "source,name,n_blocks",
     [("torchvision", "resnet50", 16), ("torchvision", "mobilenet_v2", 19), ("torchvision", "vgg16", 5),
-     ("torchvision", "efficientnet_b0", 18), ("timm", "tf_efficientnet_lite0", 17)],
+     ("torchvision", "efficientnet_b0", 18), ("timm", "tf_efficientnet_lite0", 17),
+     ("torchvision", "regnet_y_400mf", 16)],  # its residual blocks (was 5: the stem and four whole stages)
 )
 def test_block_counts(source, name, n_blocks):
     assert len(blocks(build_backbone(source, name, None))) == n_blocks

@@ -3,7 +3,7 @@
 - ``layers_N``: the modules behind the last N operations of the backbone's traced graph (Keras's
   layer count: conv, norm, activation, residual add, ...), and the weights an op reads itself, up to
   the last op before global pooling.
-- ``blocks_N``: the last N architectural blocks (ResNet bottlenecks, inverted-residual blocks with
+- ``blocks_N``: the last N architectural blocks (ResNet and RegNet bottlenecks, inverted-residual blocks with
   stem and last conv, VGG stages, ViT encoder layers, DenseNet dense blocks, MaxViT stages, timm's
   own block grouping).
 """
@@ -122,6 +122,13 @@ def _resnet_blocks(body: nn.Module) -> list[Unit]:
     return _units([(f"layer{i}", getattr(body, f"layer{i}")) for i in range(1, 5)])
 
 
+def _regnet_blocks(body: nn.Module) -> list[Unit]:
+    """Its residual blocks, as ResNet's: its stages (AnyStage) subclass Sequential, so no rule opened them and
+    blocks_2 of regnet_y_400mf was two whole stages, 10 of its 16 blocks."""
+    stages = body.trunk_output.named_children()
+    return _units([(f"trunk_output.{s}.{b}", m) for s, stage in stages for b, m in stage.named_children()])
+
+
 def _densenet_blocks(body: nn.Module) -> list[Unit]:
     """A dense block with the layer after it, transition or closing norm5: else blocks_1 is norm5 alone."""
     features = body.features._modules
@@ -145,6 +152,7 @@ TORCHVISION_BLOCKS = (
     (torchvision.models.VisionTransformer, _vit_layers),
     (torchvision.models.VGG, _vgg_stages),
     (torchvision.models.ResNet, _resnet_blocks),
+    (torchvision.models.RegNet, _regnet_blocks),
     (torchvision.models.DenseNet, _densenet_blocks),
     (torchvision.models.MaxVit, _maxvit_stages),
 )
