@@ -91,7 +91,7 @@ def test_auxiliary_classifiers_are_not_blocks_and_training_gives_features(name, 
 
 @pytest.mark.parametrize("name,last", [
     ("densenet121", ["features.denseblock3,features.transition3", "features.denseblock4,features.norm5"]),
-    ("maxvit_t", ["blocks.2", "blocks.3,classifier"]),
+    ("maxvit_t", ["blocks.2", "blocks.3,classifier.2,classifier.3"]),
 ])
 def test_blocks_of_densenet_and_maxvit_are_their_blocks(name, last):
     """Their last 'blocks' were the layers after the last block: DenseNet's norm5, MaxViT's pre-logits
@@ -228,6 +228,21 @@ def test_a_bare_norm_layer_is_no_block_of_its_own(name, last):
 def test_the_norm_after_the_last_block_trains_with_it(name, last):
     """The final norm before pooling was in no block: no blocks_N trained it (timm's own ViT groups it with the last block)."""
     assert blocks(build_backbone("torchvision", name, None))[-1].name == last
+
+
+@pytest.mark.parametrize("name,last,kept", [
+    ("mobilenet_v3_large", "features.16,classifier.0", 960 * 1280 + 1280),
+    ("alexnet", "features.10,classifier.1,classifier.4", 9216 * 4096 + 4096 + 4096 * 4096 + 4096),
+    ("vgg11", "features.stage5,classifier.0,classifier.3", 25088 * 4096 + 4096 + 4096 * 4096 + 4096),
+])
+def test_the_layers_a_classifier_keeps_train_with_the_last_block(name, last, kept):
+    """The Linear layers before the replaced one (MobileNetV3's 960-to-1280, AlexNet's and VGG's fc6/fc7) sit nearest
+    the head but were in no block: frozen under every blocks_N, trained only by full (timm groups its MobileNetV3's
+    conv_head with the last block)."""
+    backbone = build_backbone("torchvision", name, None)
+    tail, classifier = blocks(backbone)[-1], list(backbone.body.classifier.parameters())
+    assert tail.name == last and {id(p) for p in classifier} <= {id(p) for p in tail.parameters()}
+    assert sum(p.numel() for p in classifier) == kept  # the replaced Linear is no part of it
 
 
 def test_a_file_that_is_no_state_dict_is_one_clear_message(tmp_path):

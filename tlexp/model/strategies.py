@@ -5,7 +5,8 @@
   the last op before global pooling.
 - ``blocks_N``: the last N architectural blocks (ResNet and RegNet bottlenecks, inverted-residual blocks with
   stem and last conv, VGG stages, ViT encoder layers, DenseNet dense blocks, MaxViT stages, timm's
-  own block grouping).
+  own block grouping); layers with weights after the last block (a closing norm, the Linear layers a
+  classifier keeps) train with it.
 """
 
 from __future__ import annotations
@@ -137,14 +138,6 @@ def _densenet_blocks(body: nn.Module) -> list[Unit]:
     return [Unit(f"features.{d},features.{a}", (features[d], features[a])) for d, a in zip(dense, after)]
 
 
-def _maxvit_stages(body: nn.Module) -> list[Unit]:
-    """Its stages; the classifier's pre-logits (LayerNorm, Linear: only the last Linear became the head)
-    train with the last stage, else blocks_2 would be those two layers alone."""
-    stages = [Unit(f"blocks.{i}", (m,)) for i, m in enumerate(body.blocks)]
-    pre_logits = tuple(m for m in body.classifier if _has_params(m))
-    return [*stages[:-1], Unit(f"{stages[-1].name},classifier", (*stages[-1].modules, *pre_logits))]
-
-
 # Per-architecture knowledge, one row per torchvision family (first match wins): what its blocks
 # are. A family without a row: the children of its ``features`` (MobileNet, EfficientNet, ...), else
 # of the body. timm models need no row: each declares its own grouping (``group_matcher``).
@@ -154,7 +147,7 @@ TORCHVISION_BLOCKS = (
     (torchvision.models.ResNet, _resnet_blocks),
     (torchvision.models.RegNet, _regnet_blocks),
     (torchvision.models.DenseNet, _densenet_blocks),
-    (torchvision.models.MaxVit, _maxvit_stages),
+    (torchvision.models.MaxVit, lambda body: [Unit(f"blocks.{i}", (m,)) for i, m in enumerate(body.blocks)]),
 )
 
 
@@ -164,21 +157,23 @@ def _generic_blocks(body: nn.Module) -> list[Unit]:
 
 def _torchvision_blocks(body: nn.Module) -> list[Unit]:
     blocks_of = next((rule for family, rule in TORCHVISION_BLOCKS if isinstance(body, family)), _generic_blocks)
-    return _with_closing_norms(body, blocks_of(body))
+    return _with_layers_after_the_last_block(body, blocks_of(body))
 
 
-def _with_closing_norms(body: nn.Module, units: list[Unit]) -> list[Unit]:
-    """Norm layers registered after the last block and in none (ViT's encoder.ln, Swin's norm, ConvNeXt's
-    pre-pooling LayerNorm) train with the last block, as timm groups them: else no blocks_N ever trained them."""
+def _with_layers_after_the_last_block(body: nn.Module, units: list[Unit]) -> list[Unit]:
+    """Layers with weights after the last block and in none train with it, as timm groups them (conv_head with
+    the last block): norms (ViT's encoder.ln, Swin's norm, ConvNeXt's pre-pooling LayerNorm) and the layers a
+    classifier keeps before the replaced Linear (MobileNetV3's, AlexNet's, VGG's fc6/fc7, MaxViT's pre-logits).
+    Else no blocks_N trained them, though they sit nearest the head: only ``full`` did."""
     named = list(body.modules())
     in_units = {id(m) for u in units for top in u.modules for m in top.modules()}
     last = max((i for i, m in enumerate(named) if id(m) in in_units), default=len(named))
-    closing = tuple(m for m in named[last + 1 :] if isinstance(m, _NORMS) and id(m) not in in_units and _has_params(m))
-    if not closing:
+    after = tuple(m for m in named[last + 1 :] if id(m) not in in_units and any(True for _ in m.parameters(recurse=False)))
+    if not after:
         return units
     names = {id(m): n for n, m in body.named_modules()}
     tail = units[-1]
-    return [*units[:-1], Unit(",".join([tail.name, *(names[id(m)] for m in closing)]), (*tail.modules, *closing))]
+    return [*units[:-1], Unit(",".join([tail.name, *(names[id(m)] for m in after)]), (*tail.modules, *after))]
 
 
 def _timm_blocks(body: nn.Module) -> list[Unit]:
