@@ -1,4 +1,4 @@
-"""Listing and splitting image trees: deterministic, stratified, disjoint; clear errors for bad trees."""
+"""Listing and splitting image trees: deterministic, stratified, disjoint; clear errors for bad trees; training batches."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import os
 from collections import Counter
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import make_image_tree
+from tests.conftest import make_image_tree, train
 from tlexp.data.datamodule import ImageDataModule
 from tlexp.data.files import list_classes, stratified_split
 from tlexp.errors import TlexpError
@@ -188,3 +189,37 @@ def test_a_class_folder_name_that_is_not_utf8_is_refused_up_front(tmp_path):
     os.rename(root / "b", os.fsencode(root) + b"/ros\xe9")
     with pytest.raises(TlexpError, match=r"not valid UTF-8: b'ros\\xe9'\. Rename them"):
         list_classes(root)
+
+
+# tiny_tree's 18 training images at 32 px: ResNet-18's last BatchNorm layers see 1x1 maps, so one image is one value.
+BATCHNORM_ON_1X1 = ("model=resnet18", "profile.enabled=false")
+DROPPED = "the last training batch would hold 1 image"
+
+
+def _steps_and_log(run_dir):
+    steps = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    return steps, (run_dir / "train.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "path", [("strategy=full", "perf.feature_cache=false"), ("strategy=blocks_2",)], ids=["images", "cached_prefix_outputs"]
+)
+def test_a_last_training_batch_of_one_image_is_dropped_not_a_batchnorm_crash(tmp_path, tiny_tree, path):
+    """18 = 17 + 1: was "ValueError: Expected more than 1 value per channel when training" in phase B."""
+    train(tmp_path / "run", tiny_tree, *BATCHNORM_ON_1X1, *path, "data.batch_size=17")
+    steps, text = _steps_and_log(tmp_path / "run")
+    assert steps == 2 and text.count(DROPPED) == 1  # one batch of 17 in each of the 2 epochs, said once
+
+
+def test_a_last_training_batch_of_two_images_is_kept(tmp_path, tiny_tree):
+    """18 = 2 * 8 + 2, on cached features (phase A) and on images (phase B): every image trains."""
+    train(tmp_path / "run", tiny_tree, *BATCHNORM_ON_1X1, "strategy=full")
+    steps, text = _steps_and_log(tmp_path / "run")
+    assert steps == 2 * 3 and DROPPED not in text
+
+
+def test_under_ddp_a_ranks_last_batch_of_one_image_is_dropped(tmp_path, tiny_tree):
+    """Each of 2 ranks trains on 9 = 8 + 1 of the 18 images (18 = 2 * 8 + 2 would keep all): the rank's share decides."""
+    train(tmp_path / "run", tiny_tree, *BATCHNORM_ON_1X1, "trainer=ddp_cpu", "strategy=full", "perf.feature_cache=false")
+    steps, text = _steps_and_log(tmp_path / "run")
+    assert steps == 2 and DROPPED in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.skipped: dict[str, str] = {}  # relative path -> why it was skipped (data.on_bad_image=skip)
         self._image_loaders: dict[str, DataLoader] = {}
         self._mixing = None  # MixUp / CutMix of training batches, set with the classes (setup)
+        self._told_dropped = False  # the log says once that the training loader drops a last batch of one
 
     @classmethod
     def from_config(cls, cfg, split_file: Path | None = None) -> ImageDataModule:
@@ -205,10 +207,31 @@ class ImageDataModule(pl.LightningDataModule):
         loader = DataLoader(
             dataset, batch_size=self.cfg.batch_size, sampler=sampler, generator=torch.Generator(),
             num_workers=workers, persistent_workers=workers > 0, pin_memory=on_gpu,
+            drop_last=train and self._last_batch_of_one(len(dataset)),
         )
         if cached is None:
             self._image_loaders[subset] = loader
         return loader
+
+    def _last_batch_of_one(self, size: int) -> bool:
+        """Whether each epoch's last training batch would hold one image, on which BatchNorm cannot train.
+
+        Under DDP, Lightning gives each rank ``ceil(size / world_size)`` images (its DistributedSampler
+        pads) and keeps the loader's ``drop_last`` when it puts that sampler in: the rank's share decides.
+        A longer last batch is kept, and so is a share of one image, which is all there is to train on.
+        The first loader that drops it says so in the log.
+        """
+        world = self.trainer.world_size if self.trainer is not None else 1
+        share = math.ceil(size / world)
+        if share == 1 or share % self.cfg.batch_size != 1:
+            return False
+        if not self._told_dropped:
+            self._told_dropped = True
+            log.info(
+                "the last training batch would hold 1 image%s: dropped each epoch (BatchNorm cannot train on one)",
+                "" if world == 1 else " on each of the ranks",
+            )
+        return True
 
     def _evaluation_sampler(self, dataset) -> UnrepeatedDistributedSampler | None:
         """Under DDP, each validation and test image on one rank, once.
