@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
 from tlexp.errors import TlexpError
-from tlexp.model.losses import FocalLoss, build_loss, class_weights
+from tlexp.model.losses import FocalLoss, batch_weight, build_loss, class_weights
 
 
 def test_focal_with_gamma_zero_is_cross_entropy():
@@ -59,3 +60,41 @@ def test_build_loss_from_config():
     assert isinstance(focal, FocalLoss) and focal.gamma == 1.5
     with pytest.raises(TlexpError, match="unknown loss"):
         build_loss({"name": "hinge"}, [1, 1])
+
+
+def test_weighted_cross_entropy_of_a_batch_of_zero_weight_classes_is_zero_not_nan():
+    """Class weight 0 leaves a class out of the loss; a batch of that class alone (a last batch of one image) was
+    torch's 0 / 0 = nan, whose gradient turned every weight nan at the optimizer step."""
+    for smoothing in (0.0, 0.1):
+        ce = build_loss({"name": "ce", "label_smoothing": smoothing, "class_weights": [0, 2]}, [3, 4])
+        logits = torch.randn(2, 2, requires_grad=True)
+        loss = ce(logits, torch.tensor([0, 0]))
+        loss.backward()
+        assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros(2, 2))
+        mixed = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])  # elsewhere the same numbers as torch's weighted mean
+        assert torch.equal(ce(*mixed), F.cross_entropy(*mixed, weight=torch.tensor([0.0, 2.0]), label_smoothing=smoothing))
+
+
+@pytest.mark.parametrize("loss", [{"name": "ce", "label_smoothing": 0.1, "class_weights": [0.5, 2.0, 3.0]},
+                                  {"name": "ce", "label_smoothing": 0.0, "class_weights": None},
+                                  {"name": "focal", "gamma": 2.0, "alpha": [0.5, 2.0, 3.0]}])
+def test_an_epochs_loss_is_the_loss_of_the_whole_epoch_whatever_the_batch_size(loss):
+    """Each batch's mean weighs in by what it divides by: with class weights, cross-entropy divides by the targets'
+    weights, so weighing by the batch size made val/loss depend on it (batch 1: the unweighted mean)."""
+    criterion = build_loss(loss, [6, 2, 2])
+    logits, target = torch.randn(10, 3), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
+    for batch_size in (10, 4, 1):
+        epoch = MeanMetric()
+        for i in range(0, 10, batch_size):
+            y = target[i:i + batch_size]
+            epoch.update(criterion(logits[i:i + batch_size], y), weight=batch_weight(criterion, y))
+        assert torch.allclose(epoch.compute(), criterion(logits, target))
+
+
+def test_auto_weights_leave_out_a_class_with_no_training_image():
+    """A skewed data.split can put all of a small class's images in val/test: its inverse frequency was inf, and
+    every val/test loss with one of its images nan."""
+    weights = class_weights("auto", [30, 10, 0], "x")
+    assert torch.allclose(weights, torch.tensor([40 / 60, 40 / 20, 0.0]))  # mean 1 over the training images, as before
+    ce = build_loss({"name": "ce", "label_smoothing": 0.0, "class_weights": "auto"}, [30, 10, 0])
+    assert torch.isfinite(ce(torch.randn(3, 3), torch.tensor([0, 1, 2])))

@@ -29,13 +29,42 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+class WeightedCrossEntropy(nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss`` with class weights, whose batch of zero-weight classes only has loss 0.
+
+    torch divides the batch's weighted sum by its targets' weights: 0 / 0 = nan there (a last batch of one image
+    of a class left out with weight 0), and its gradient makes every weight nan at the optimizer step.
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dim() != 1:  # class probabilities (MixUp / CutMix): torch's mean over the batch
+            return super().forward(logits, target)
+        total = F.cross_entropy(logits, target, weight=self.weight, label_smoothing=self.label_smoothing, reduction="sum")
+        weight = batch_weight(self, target)
+        return torch.where(weight > 0, total / torch.where(weight > 0, weight, 1), 0)
+
+
+def batch_weight(criterion: nn.Module, target: torch.Tensor) -> torch.Tensor | int:
+    """What ``criterion``'s batch mean divides by: the targets' class weights for weighted cross-entropy on class
+    indices, else the batch size. Each batch weighs that much in an epoch's mean loss, which is then the loss
+    of the whole epoch at once, whatever the batch size."""
+    if isinstance(criterion, nn.CrossEntropyLoss) and criterion.weight is not None and target.dim() == 1:
+        return criterion.weight[target].sum()
+    return len(target)
+
+
 def class_weights(spec, class_counts: Sequence[int], key: str) -> torch.Tensor | None:
-    """``null`` → None, ``auto`` → inverse class frequency (mean 1), a list → as given."""
+    """``null`` → None, ``auto`` → inverse class frequency (mean 1 over the training images), a list → as given.
+
+    With ``auto`` a class without training images (a skewed ``data.split``) gets 0, not 1 / 0: it is in no
+    training batch, and an infinite weight made every validation and test loss with one of its images nan.
+    """
     if spec is None:
         return None
     if spec == "auto":
         counts = torch.tensor(class_counts, dtype=torch.float32)
-        return counts.sum() / (len(counts) * counts)
+        present = counts > 0
+        return torch.where(present, counts.sum() / (present.sum() * counts), 0)
     try:
         weights = torch.tensor(list(spec), dtype=torch.float32)
     except (TypeError, ValueError):  # a word (Auto, balanced) or a list with one
@@ -51,7 +80,8 @@ def class_weights(spec, class_counts: Sequence[int], key: str) -> torch.Tensor |
 def build_loss(cfg, class_counts: Sequence[int]) -> nn.Module:
     if cfg["name"] == "ce":
         weight = class_weights(cfg["class_weights"], class_counts, "loss.class_weights")
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg["label_smoothing"])
+        loss = nn.CrossEntropyLoss if weight is None else WeightedCrossEntropy
+        return loss(weight=weight, label_smoothing=cfg["label_smoothing"])
     if cfg["name"] == "focal":
         if cfg["gamma"] < 0:
             raise TlexpError(f"loss.gamma must be >= 0, got {cfg['gamma']}")

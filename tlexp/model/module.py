@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 from tlexp.data.transforms import Preprocessing
 from tlexp.features.cut import cut_frozen_prefix
 from tlexp.model.backbones import build_backbone
-from tlexp.model.losses import build_loss
+from tlexp.model.losses import batch_weight, build_loss
 from tlexp.model.optim import build_optimizer, build_schedule
 from tlexp.speed.defaults import resolve_channels_last
 
@@ -81,6 +81,7 @@ class TransferModule(pl.LightningModule):
         self.head = make_head(built.feature_dim, num_classes, model["head"]["hidden_dim"], model["head"]["dropout"])
         self.criterion = build_loss(loss, class_counts)
         # torchmetrics states, synced across DDP ranks by count: each image weighs the same in every mean
+        # (in the loss's, its class weight where the loss has them)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -160,7 +161,7 @@ class TransferModule(pl.LightningModule):
         # TorchDispatchMode), i.e. kernel launches on a GPU, where a batch-32 step is launch-bound
         accuracy.update(logits, y if y.dim() == 1 else y.argmax(1))  # MixUp/CutMix labels: the larger share counts
         mean_loss = getattr(self, f"{stage}_loss")
-        mean_loss.update(loss.detach(), weight=len(y))
+        mean_loss.update(loss.detach(), weight=batch_weight(self.criterion, y))
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y))
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss, logits
