@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
 
 from tlexp.errors import TlexpError
 from tlexp.model.losses import FocalLoss, batch_weight, build_loss, class_weights
+from tlexp.model.module import TransferModule, epoch_mean
 
 
 def test_focal_with_gamma_zero_is_cross_entropy():
@@ -84,7 +84,7 @@ def test_an_epochs_loss_is_the_loss_of_the_whole_epoch_whatever_the_batch_size(l
     criterion = build_loss(loss, [6, 2, 2])
     logits, target = torch.randn(10, 3), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
     for batch_size in (10, 4, 1):
-        epoch = MeanMetric()
+        epoch = epoch_mean()  # the module's
         for i in range(0, 10, batch_size):
             y = target[i:i + batch_size]
             epoch.update(criterion(logits[i:i + batch_size], y), weight=batch_weight(criterion, y))
@@ -98,3 +98,17 @@ def test_auto_weights_leave_out_a_class_with_no_training_image():
     assert torch.allclose(weights, torch.tensor([40 / 60, 40 / 20, 0.0]))  # mean 1 over the training images, as before
     ce = build_loss({"name": "ce", "label_smoothing": 0.0, "class_weights": "auto"}, [30, 10, 0])
     assert torch.isfinite(ce(torch.randn(3, 3), torch.tensor([0, 1, 2])))
+
+
+def test_an_epoch_with_a_nan_batch_has_a_nan_loss():
+    """A run diverging mid-epoch: torchmetrics' default dropped the nan batches with a warning, so the epoch's
+    train/loss was the finite mean of the batches before."""
+    module = TransferModule(
+        model={"source": "torchvision", "name": "resnet18", "weights": None, "head": {"hidden_dim": None, "dropout": 0.0}},
+        class_names=["a", "b"], class_counts=[1, 1], loss={"name": "ce", "label_smoothing": 0.0, "class_weights": None},
+        optim={"_target_": "torch.optim.Adam", "lr": 1e-2, "weight_decay": 0.0, "scheduler": None}, backbone_lr_factor=0.1,
+    ).eval()
+    images, labels = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    for batch in (images, images * float("nan")):
+        module.training_step((batch, labels), 0)
+    assert module.train_loss.compute().isnan()

@@ -33,6 +33,13 @@ def make_head(feature_dim: int, num_classes: int, hidden_dim: int | None, dropou
     return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
 
 
+def epoch_mean() -> MeanMetric:
+    """An epoch's mean loss, nan where a batch's is: torchmetrics' default drops nan batches with a warning, so
+    the epoch a run diverged in reported the finite mean of the batches before. (A nan imputed with nan: the
+    strategy "disable" would also drop the batches' weights, torchmetrics #3434.)"""
+    return MeanMetric(nan_strategy=float("nan"))
+
+
 def mirror_average(logits: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
     """Flip test-time augmentation: log of the mean of the two views' class probabilities (softmax of
     the result is that mean, so the loss, the metrics and tlexp-predict see one ensemble)."""
@@ -82,7 +89,7 @@ class TransferModule(pl.LightningModule):
         self.criterion = build_loss(loss, class_counts)
         # torchmetrics states, synced across DDP ranks by count: each image weighs the same in every mean
         # (in the loss's, its class weight where the loss has them)
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_loss, self.val_loss, self.test_loss = epoch_mean(), epoch_mean(), epoch_mean()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
