@@ -112,3 +112,10 @@ def test_an_epoch_with_a_nan_batch_has_a_nan_loss():
     for batch in (images, images * float("nan")):
         module.training_step((batch, labels), 0)
     assert module.train_loss.compute().isnan()
+
+
+def test_focal_with_gamma_zero_and_alpha_is_weighted_cross_entropy_times_the_mean_alpha():
+    """The normalization FocalLoss's docstring states: per image, as the paper's, not per unit of alpha."""
+    logits, target, alpha = torch.randn(16, 4), torch.randint(0, 4, (16,)), torch.tensor([0.5, 1.0, 2.0, 4.0])
+    weighted_ce = F.cross_entropy(logits, target, weight=alpha)
+    assert torch.allclose(FocalLoss(0.0, alpha)(logits, target), weighted_ce * alpha[target].mean())

@@ -12,7 +12,12 @@ from tlexp.errors import TlexpError
 
 
 class FocalLoss(nn.Module):
-    """FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (Lin et al., 2017), averaged over the batch."""
+    """FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (Lin et al., 2017), averaged over the batch.
+
+    The mean is over images, as the paper's and ``torchvision.ops.sigmoid_focal_loss``'s, not over the targets'
+    alpha as weighted cross-entropy's: with gamma = 0 it is cross-entropy exactly without alpha, and with alpha
+    it is the batch's mean alpha_t times ``loss=ce loss.class_weights=<alpha>``.
+    """
 
     def __init__(self, gamma: float = 2.0, alpha: torch.Tensor | None = None):
         super().__init__()
