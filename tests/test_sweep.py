@@ -318,6 +318,17 @@ def test_sort_puts_a_diverged_runs_nan_last(tmp_path):
     assert [r["Validation Loss"] for r in _table_rows(sweep)] == ["0.3", "0.4", "0.5", "0.6", "nan"]
 
 
+def test_sweeps_side_by_side_keep_their_rows_together(tmp_path):
+    """A parent of two sweeps: each sweep's jobs together, by folder then job number, 2 before 10 (was: 0, 0, 1, 1, ...
+    interleaved)."""
+    jobs = LR_X_STRATEGY * 3  # jobs 0 to 11
+    for stamp in ("11-00-00", "10-00-00"):
+        _hand_made_sweep(tmp_path / "multirun" / "2026-12-01" / stamp, jobs)
+    assert table_main([str(tmp_path / "multirun")]) == 0
+    assert [r["Job"] for r in _table_rows(tmp_path / "multirun")] == [
+        f"2026-12-01/{stamp}/{i}_resnet18_{strategy}" for stamp in ("10-00-00", "11-00-00") for i, (strategy, *_) in enumerate(jobs)]
+
+
 def test_descending_without_sort_is_refused(tmp_path, capsys):
     """--descending alone: exit 2 and one line (was: accepted, rows in folder order)."""
     sweep = _hand_made_sweep(tmp_path / "sweep", LR_X_STRATEGY[:2])

@@ -63,14 +63,15 @@ def _fmt(value, kind: str) -> str:
 
 
 def load_rows(sweep_dir: Path) -> list[dict]:
-    """One row per job directory (a metrics.json or a Hydra config), in job order; a job without a
-    record, or whose record is not of its config, is a failed row that says so."""
+    """One row per job directory (a metrics.json or a Hydra config), in job order (sweeps under one parent: folder
+    by folder, each sweep's jobs together); a job without a record, or whose record is not of its config, is a
+    failed row that says so."""
     jobs = {f.parent for f in sweep_dir.rglob(RECORD)} | {c.parent.parent for c in sweep_dir.rglob(".hydra/config.yaml")}
     if not any((job / RECORD).exists() for job in jobs):
         if running := sum(_running(job) for job in jobs):
             raise TlexpError(f"no job under {sweep_dir} has recorded yet ({running} running): run tlexp-table again when they have")
         raise TlexpError(f"no metrics.json under {sweep_dir}: is it a sweep directory (outputs/multirun/<stamp>)?")
-    ordered = sorted(jobs, key=lambda j: (_job_order(j.name), str(j)))  # sweeps side by side: each in its folder's order
+    ordered = sorted(jobs, key=lambda j: [_job_order(part) for part in j.relative_to(sweep_dir).parts])
     rows = [_row(job) | {"job_dir": str(job.relative_to(sweep_dir)), "overrides": _overrides(job)} for job in ordered]
     return [row | {"speed_on": _speed_on(row.get("speed_setup")), "best_at": _best_at(row)} for row in rows]
 
@@ -148,6 +149,7 @@ def _speed_on(setup: dict | None) -> str | None:
 
 
 def _job_order(name: str):
+    """A path part's place: by its number first (job 2 before job 10), so sweeps side by side keep their rows together."""
     head = name.split("_", 1)[0]
     return (0, int(head), name) if head.isdigit() else (1, 0, name)
 
