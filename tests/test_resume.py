@@ -174,6 +174,23 @@ def test_sigterm_records_the_whole_resume_command_and_the_resume_says_where_it_r
     assert "phase B from epoch 1: backbone modules unfrozen: layer4.1" in log[1] and "phase A" not in log[1]
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_run_stopped_before_its_first_epoch_ended_says_resume_true_starts_it_again(tmp_path, tree, name):
+    """No checkpoint yet: the message says the same command starts it again, resume=true too (was: no word of resume=true,
+    which a later interruption's message asks for); the pasted command with resume=true trains it from the start."""
+    run = tmp_path / "run"
+    schedule = ("model=resnet18", "strategy=blocks_1")
+    stopped = train(run, tree, *schedule, *_signal_at(name, 0), check=False)
+    assert stopped.returncode == (128 + signal.SIGTERM if name == "SIGTERM" else 1), stopped.stderr[-2000:]
+    command = shlex.join(["tlexp-train", *FAST, f"data.root={tree}", *schedule, *_signal_at(name, 0), f"hydra.run.dir={run}"])
+    said = f"stopped by {name}; no epoch had finished, so there is no checkpoint: the same command starts it again (with resume=true too): {command}"
+    assert read_metrics(run)["error"] == said and said in stopped.stdout + stopped.stderr
+    pasted = [a for a in shlex.split(command)[1:] if not a.startswith("+callbacks.sig")]  # without the test's own signal
+    resumed = run_cli(*pasted, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_metrics(run)["status"] == "completed" and "resuming from" not in (run / "train.log").read_text()
+
+
 def test_a_resume_does_not_warn_that_its_checkpoint_folder_is_not_empty(tmp_path, tree):
     """Resuming continues in the run's own checkpoints/, which tlexp keeps to one run: Lightning's
     `Checkpoint directory ... exists and is not empty.` on every resume was a false alarm (was: printed)."""

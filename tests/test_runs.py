@@ -158,8 +158,21 @@ def test_ctrl_c_anywhere_is_an_interruption_and_a_librarys_exit_a_failure(tmp_pa
             stop()
         assert exited.value.code == code
     assert read_record(tmp_path / "lightning")["status"] == read_record(tmp_path / "listing")["status"] == "interrupted"
-    assert "stopped by SIGINT; no epoch had finished; start it again with: tlexp-train model=resnet18" in read_record(tmp_path / "listing")["error"]
+    assert "stopped by SIGINT; no epoch had finished, so there is no checkpoint: the same command starts it again (with resume=true too): " \
+           "tlexp-train model=resnet18" in read_record(tmp_path / "listing")["error"]
     assert (read_record(tmp_path / "library")["status"], read_record(tmp_path / "library")["error"]) == ("failed", "SystemExit: 1")
+
+
+def test_an_interruption_with_a_checkpoint_but_no_last_one_says_resume(tmp_path, compose_cfg):
+    """``~callbacks.last_checkpoint`` leaves best.ckpt alone, which resume=true continues from and a run without it is
+    refused over: the record says resume=true (was: "no epoch had finished; start it again" with a command refused)."""
+    from tlexp.record import read_record
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit), runs.recorded(compose_cfg("model=resnet18"), tmp_path, False, ["model=resnet18"]):
+        raise KeyboardInterrupt
+    assert read_record(tmp_path)["error"] == f"stopped by SIGINT; resume with: tlexp-train model=resnet18 hydra.run.dir={tmp_path} resume=true"
 
 
 def test_a_checkpoint_cut_short_without_its_digest_is_set_aside(tmp_path):

@@ -149,11 +149,18 @@ def resume_command(run_dir: Path, overrides: list[str]) -> str:
 
 
 def record_interruption(cfg, run_dir: Path, how: str, overrides: list[str]) -> None:
-    """Say how to resume, as a command to paste; a killed job must not look finished (nor like a crash to debug)."""
-    if (run_dir / "checkpoints" / "last.ckpt").exists():
+    """Say how to resume, as a command to paste; a killed job must not look finished (nor like a crash to debug).
+
+    resume=true continues from any checkpoint in the folder (``runs.resume_point``; a ``best.ckpt`` where
+    ``last_checkpoint`` is off), and a run without it is refused there (``runs.claim``). With none yet, resume=true
+    has nothing to resume and trains from the start, as the command it was started with does (a ckpt_path= of
+    another run included): the message says both, so neither habit is a surprise.
+    """
+    if any((run_dir / "checkpoints").glob("*.ckpt")):
         hint = f"resume with: {resume_command(run_dir, overrides)}"
-    else:  # as it was started (a ckpt_path= of another run included)
-        hint = f"no epoch had finished; start it again with: {shlex.join(['tlexp-train', *overrides, f'hydra.run.dir={run_dir}'])}"
+    else:
+        again = shlex.join(["tlexp-train", *overrides, f"hydra.run.dir={run_dir}"])
+        hint = f"no epoch had finished, so there is no checkpoint: the same command starts it again (with resume=true too): {again}"
     write_record(run_dir, _brief(cfg, run_dir, "interrupted", f"stopped by {how}; {hint}"))
     log.warning("stopped by %s; %s", how, hint)
 
