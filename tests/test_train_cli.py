@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -341,6 +342,30 @@ def test_help_offers_only_options_that_can_be_chosen():
     options = [o.strip() for listed in groups.values() for o in listed.split(",")]
     assert "mobilenet_v1" in groups["model"] and "imagefolder" in groups["data"]
     assert not [o for o in options if o.startswith("_")]
+
+
+# pyproject.toml's [project.scripts], name -> module:function (tomllib is Python 3.11's)
+SCRIPTS = dict(re.findall(r'^(tlexp-\S+) = "(\S+)"$', (REPO / "pyproject.toml").read_text(), re.MULTILINE))
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])  # the write fails at once (PYTHONUNBUFFERED=1), or in the exit's flush
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(script, unbuffered):
+    """`tlexp-train --help | head -3`: a reader gone before the output is written (head's race, made certain: the read
+    end closed before the command starts) ends it with no word on stderr (was: a BrokenPipeError traceback, or
+    "Exception ignored ... BrokenPipeError" and exit 120)."""
+    module, function = SCRIPTS[script].split(":")
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", f"import sys; from {module} import {function}; sys.argv[0] = {script!r}; sys.exit({function}())", "--help"],
+            stdout=writer, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=120, check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": unbuffered},
+        )
+    finally:
+        os.close(writer)
+    assert result.stderr == "" and result.returncode in (0, 1), (result.returncode, result.stderr[-2000:])  # 0: argparse drops it itself
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,44 @@ torch and Lightning (seconds to import) are left out until the task itself start
 from __future__ import annotations
 
 import difflib
+import functools
+import os
 import re
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 import hydra
 from omegaconf import DictConfig
 
 from tlexp.hydra_config import CONFIG_PATH
+
+T = TypeVar("T")
+
+
+def quiet_when_the_reader_leaves(entry: Callable[[], T]) -> Callable[[], T]:
+    """``tlexp-train --help | head -3``: output the reader closed the pipe on ends the command with exit 1 and no
+    word, as Unix tools end (Python's recipe, docs.python.org/3/library/signal.html#note-on-sigpipe), not with a
+    BrokenPipeError traceback or "Exception ignored ... BrokenPipeError" at exit.
+
+    Not SIGPIPE's default action (SIG_DFL), the other remedy: it would hold for every pipe and socket the process
+    writes, not stdout alone (a data-loader worker's queue, a logger's connection to its service), so a run would
+    die of the signal mid-epoch with no record and no word, where Python raises an error the run records
+    (tlexp.runs.recorded).
+    """
+
+    @functools.wraps(entry)
+    def run() -> T:
+        try:
+            try:
+                return entry()
+            finally:
+                sys.stdout.flush()  # what is still buffered fails here, where it is caught, and not at exit
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush: to nowhere
+            sys.exit(1)
+
+    return run
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
@@ -24,6 +54,7 @@ def _train(cfg: DictConfig) -> float | None:
     return job(cfg)
 
 
+@quiet_when_the_reader_leaves
 def train() -> None:
     """``tlexp-train``; with ``--cfg``, a config the run would refuse is refused here too (exit 2)."""
     args = sys.argv[1:]
@@ -185,13 +216,23 @@ def _export(cfg: DictConfig) -> None:
     job(cfg)
 
 
+@quiet_when_the_reader_leaves
 def predict() -> None:
     """``tlexp-predict``."""
     composed_or_refused("predict", "tlexp-predict", sys.argv[1:])
     _predict()
 
 
+@quiet_when_the_reader_leaves
 def export() -> None:
     """``tlexp-export``."""
     composed_or_refused("export", "tlexp-export", sys.argv[1:])
     _export()
+
+
+@quiet_when_the_reader_leaves
+def table() -> int:
+    """``tlexp-table``: an argparse tool (tlexp.report.table), here for the closed pipe's handling the others have."""
+    from tlexp.report.table import main
+
+    return main()

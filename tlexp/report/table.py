@@ -464,4 +464,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tlexp.cli import table
+
+    sys.exit(table())
