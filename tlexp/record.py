@@ -153,8 +153,8 @@ def record_interruption(cfg, run_dir: Path, how: str, overrides: list[str]) -> N
 
     resume=true continues from any checkpoint in the folder (``runs.resume_point``; a ``best.ckpt`` where
     ``last_checkpoint`` is off), and a run without it is refused there (``runs.claim``). With none yet, resume=true
-    has nothing to resume and trains from the start, as the command it was started with does (a ckpt_path= of
-    another run included): the message says both, so neither habit is a surprise.
+    has nothing to resume: the command it was started with starts it again as it first started (from epoch 0, or
+    from its ckpt_path= of another run), with resume=true or without, and the message says so.
     """
     if any((run_dir / "checkpoints").glob("*.ckpt")):
         hint = f"resume with: {resume_command(run_dir, overrides)}"
